@@ -55,16 +55,27 @@ def _walk(samples: torch.Tensor, draft_tokens: torch.Tensor, nd: torch.Tensor) -
     return num_accepted, next_token
 
 
+# Rows are processed in chunks of about this many [.., V] elements, bounding the int64 hash temporaries (~32 MB each).
+_CHUNK_ELEMS = 1 << 22
+
+
+def _row_chunks(R: int, per_row: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMS // max(per_row, 1))
+    return [slice(i, min(i + step, R)) for i in range(0, R, step)]
+
+
 def _gumbel_argmax_rows(logits: torch.Tensor, key: int, positions: torch.Tensor) -> torch.Tensor:
     """argmax(logits[r, t] + gumbel(key, positions[r] + t, v)) -> [R, T] int64 (first index on ties)."""
     R, T, V = logits.shape
-    out = torch.empty(R, T, dtype=torch.int64, device=logits.device)
-    vocab = torch.arange(V, device=logits.device)
-    slots = torch.arange(T, device=logits.device)
-    for r in range(R):
-        pos = positions[r].to(torch.int64) + slots  # [T]
-        noise = keyed_gumbel(key, pos[:, None], vocab[None, :])  # [T, V]
-        out[r] = (logits[r].float() + noise).argmax(dim=-1)
+    device = logits.device
+    out = torch.empty(R, T, dtype=torch.int64, device=device)
+    vocab = torch.arange(V, device=device)
+    slots = torch.arange(T, device=device)
+    positions = positions.to(device=device, dtype=torch.int64)
+    for rows in _row_chunks(R, T * V):
+        pos = positions[rows, None] + slots  # [r, T]
+        noise = keyed_gumbel(key, pos[..., None], vocab)  # [r, T, V]
+        out[rows] = (logits[rows].float() + noise).argmax(dim=-1)
     return out
 
 
@@ -128,41 +139,59 @@ def ratio_verify(
     if tuple(draft_logits.shape) != (R, T - 1, V):
         raise ValueError(f"draft_logits must be [R, T-1, V] = {(R, T - 1, V)}, got {tuple(draft_logits.shape)}")
     device = target_logits.device
-    key_accept = stream_key(seed, STREAM_ACCEPT)
-    key_residual = stream_key(seed, STREAM_RESIDUAL)
-    key_target = stream_key(seed, STREAM_TARGET)
-    vocab = torch.arange(V, device=device)
+    keys = (stream_key(seed, STREAM_ACCEPT), stream_key(seed, STREAM_RESIDUAL), stream_key(seed, STREAM_TARGET))
+    positions = positions.to(device=device, dtype=torch.int64)
+    draft_tokens = draft_tokens.to(device=device, dtype=torch.int64)
     num_accepted = torch.empty(R, dtype=torch.int64, device=device)
     next_token = torch.empty(R, dtype=torch.int64, device=device)
-
-    for r in range(R):
-        n = int(nd[r])
-        pos0 = int(positions[r])
-        accepted = 0
-        mp = sp = mq = sq = None
-        if n > 0:
-            lt = target_logits[r, :n].float()  # [n, V]
-            dl = draft_logits[r, :n].float()  # [n, V]
-            mp, sp = _log_softmax_parts(lt)  # [n, 1] each
-            mq, sq = _log_softmax_parts(dl)
-            x = draft_tokens[r, :n].to(device=device, dtype=torch.int64).clamp(0, V - 1)[:, None]  # [n, 1]
-            p_x = torch.exp(lt.gather(1, x) - mp) / sp  # [n, 1]
-            q_x = torch.exp(dl.gather(1, x) - mq) / sq
-            u = keyed_uniform(key_accept, pos0 + torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device))
-            accept = (u[:, None] * q_x < p_x).squeeze(1)  # [n]
-            accepted = int(accept.to(torch.int64).cumprod(0).sum())
-        t = accepted
-        pos = torch.tensor([pos0 + t], device=device)
-        row = target_logits[r, t].float()  # [V]
-        if t < n:
-            # First rejection at slot t: sample the normalised residual max(p - q, 0) without normalising it.
-            g = keyed_gumbel(key_residual, pos, vocab)
-            resid = torch.exp(row - mp[t]) / sp[t] - torch.exp(draft_logits[r, t].float() - mq[t]) / sq[t]
-            scores = torch.log(resid.clamp(min=0.0)) + g
-            if torch.isneginf(scores.max()):
-                scores = row + g  # residual is all zero (p == q up to rounding): p itself is the right law
-        else:
-            scores = row + keyed_gumbel(key_target, pos, vocab)
-        num_accepted[r] = accepted
-        next_token[r] = scores.argmax()
+    for rows in _row_chunks(R, 2 * T * V):
+        num_accepted[rows], next_token[rows] = _ratio_rows(
+            target_logits[rows], draft_logits[rows].to(device), draft_tokens[rows], nd[rows], positions[rows], keys
+        )
     return num_accepted, next_token
+
+
+def _ratio_rows(
+    target_logits: torch.Tensor,  # [r, T, V]
+    draft_logits: torch.Tensor,  # [r, D, V], D = T - 1
+    draft_tokens: torch.Tensor,  # [r, D] int64
+    nd: torch.Tensor,  # [r] int64, clamped to [0, D]
+    positions: torch.Tensor,  # [r] int64
+    keys: tuple[int, int, int],  # stream keys: accept, residual, target
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_accept, key_residual, key_target = keys
+    R, T, V = target_logits.shape
+    D = T - 1
+    device = target_logits.device
+    rows = torch.arange(R, device=device)
+    num_accepted = torch.zeros(R, dtype=torch.int64, device=device)
+    if D > 0:
+        # 1. Accept coins on every draft slot: p(x) / q(x) from the two softmax normalisers.
+        lt = target_logits[:, :D].float()  # [r, D, V]
+        ld = draft_logits.float()  # [r, D, V]
+        mp, sp = _log_softmax_parts(lt)  # [r, D, 1] each
+        mq, sq = _log_softmax_parts(ld)
+        x = draft_tokens.clamp(0, V - 1)[..., None]  # [r, D, 1]
+        p_x = (torch.exp(lt.gather(-1, x) - mp) / sp).squeeze(-1)  # [r, D]
+        q_x = (torch.exp(ld.gather(-1, x) - mq) / sq).squeeze(-1)
+        slots = torch.arange(D, device=device)
+        u = keyed_uniform(key_accept, positions[:, None] + slots, torch.zeros_like(slots))  # [r, D]
+        accept = (u * q_x < p_x) & (slots < nd[:, None])
+        num_accepted = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    rejected = num_accepted < nd  # [r]
+
+    # 2. One row per request: the first rejected slot (residual) or slot nd (bonus from p).
+    vocab = torch.arange(V, device=device)
+    row = target_logits[rows, num_accepted].float()  # [r, V]
+    pos = (positions + num_accepted)[:, None]  # [r, 1]
+    scores = row + keyed_gumbel(key_target, pos, vocab)  # bonus candidates
+    if bool(rejected.any()):
+        t = num_accepted.clamp(max=D - 1)  # valid index on rejected rows; others are discarded below
+        g = keyed_gumbel(key_residual, pos, vocab)
+        resid = torch.exp(row - mp[rows, t]) / sp[rows, t] - torch.exp(ld[rows, t] - mq[rows, t]) / sq[rows, t]
+        res_scores = torch.log(resid.clamp(min=0.0)) + g
+        # Residual numerically all zero (p == q up to rounding): p itself is the right law.
+        empty = torch.isneginf(res_scores.amax(dim=-1, keepdim=True))
+        res_scores = torch.where(empty, row + g, res_scores)
+        scores = torch.where(rejected[:, None], res_scores, scores)
+    return num_accepted, scores.argmax(dim=-1)

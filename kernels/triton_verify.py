@@ -21,7 +21,9 @@ kernel merges the tiles and walks the block. No [.., V] probability tensor is ev
     sample_keyed      _tile_argmax_kernel (Gumbel) + _merge_tiles_kernel over all R*T rows.
 
 Only ``tl.exp`` / ``tl.log`` are used (no libdevice), so everything runs under ``TRITON_INTERPRET=1`` on CPU tensors,
-which is how the tests exercise it. Set that variable before importing this module.
+which is how the tests exercise it. That variable must be set before triton itself is first imported (triton's own
+``@jit`` library functions such as ``tl.max`` are decorated then), and importing transformers or torch._dynamo
+may import triton: set it at the very start of the process. ``interpreter_active()`` tells whether it worked.
 """
 
 from __future__ import annotations
@@ -32,9 +34,17 @@ import triton.language as tl
 
 from .keyed_random import STREAM_ACCEPT, STREAM_DRAFT, STREAM_RESIDUAL, STREAM_TARGET, stream_key_i32
 
-__all__ = ["greedy_verify", "strict_verify", "ratio_verify", "sample_keyed", "default_block_v"]
+__all__ = [
+    "greedy_verify",
+    "strict_verify",
+    "ratio_verify",
+    "sample_keyed",
+    "default_block_v",
+    "interpreter_active",
+]
 
-_INT32_MAX = 2147483647
+# A jit function may only read globals that are constexpr.
+_INT32_MAX = tl.constexpr(2147483647)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,11 +291,13 @@ def _ratio_accept_kernel(
     accept = (u * q_x < p_x) & live  # accept with probability min(1, p/q)
     num_accepted = tl.min(tl.where(accept, BLOCK_T, ts), axis=0)  # first failing slot; == nd if all pass
     tl.store(num_accepted_ptr + r, num_accepted.to(tl.int64))
+    # Normalisers of the rejected slot for the residual kernel; neutral (0, 1, 0, 1) when nothing was rejected.
     sel = ts == num_accepted
+    rejected = num_accepted < nd
     tl.store(row_stats_ptr + r * 4, tl.sum(tl.where(sel, big_mp, 0.0), axis=0))
-    tl.store(row_stats_ptr + r * 4 + 1, tl.sum(tl.where(sel, big_sp, 0.0), axis=0))
+    tl.store(row_stats_ptr + r * 4 + 1, tl.where(rejected, tl.sum(tl.where(sel, big_sp, 0.0), axis=0), 1.0))
     tl.store(row_stats_ptr + r * 4 + 2, tl.sum(tl.where(sel, big_mq, 0.0), axis=0))
-    tl.store(row_stats_ptr + r * 4 + 3, tl.sum(tl.where(sel, big_sq, 0.0), axis=0))
+    tl.store(row_stats_ptr + r * 4 + 3, tl.where(rejected, tl.sum(tl.where(sel, big_sq, 0.0), axis=0), 1.0))
 
 
 @triton.jit(do_not_specialize=["key_residual", "key_target"])
@@ -309,8 +321,10 @@ def _residual_tile_kernel(
     mask = offs < V
     lt = tl.load(target_ptr + r64 * stride_tr + t * stride_tt + offs, mask=mask, other=float("-inf"))
     lt = lt.to(tl.float32)
-    # The draft row is only read on rejection (slot nd may not even exist in draft_logits).
-    ld = tl.load(draft_ptr + r64 * stride_dr + t * stride_dt + offs, mask=mask & rejected, other=float("-inf"))
+    # The draft row is only read on rejection (slot nd may not even exist in draft_logits). The mask is built
+    # from a scalar bound rather than `mask & rejected`, which the interpreter cannot broadcast.
+    draft_mask = offs < tl.where(rejected, V, 0)
+    ld = tl.load(draft_ptr + r64 * stride_dr + t * stride_dt + offs, mask=draft_mask, other=float("-inf"))
     ld = ld.to(tl.float32)
     pos = (tl.load(positions_ptr + r) + t).to(tl.uint32)
     g = _gumbel(tl.where(rejected, key_residual, key_target), pos, offs.to(tl.uint32))
@@ -332,6 +346,20 @@ def _residual_tile_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Python wrappers.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def interpreter_active() -> bool:
+    """True when both triton's library and these kernels were decorated in interpreter mode, i.e. CPU tensors work.
+
+    Checking the objects (not the environment variable) catches the trap of setting TRITON_INTERPRET=1 after
+    something already imported triton: the kernels then interpret but ``tl.max`` does not, and launches fail.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_tile_argmax_kernel, InterpretedFunction) and isinstance(
+        triton.language.standard.max, InterpretedFunction
+    )
+
 
 
 def default_block_v(V: int, device: torch.device) -> int:
@@ -384,8 +412,9 @@ def _argmax_verify(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     R, T, V = logits.shape
     dev = logits.device
-    num_accepted = torch.zeros(R, dtype=torch.int64, device=dev)
-    next_token = torch.zeros(R, dtype=torch.int64, device=dev)
+    # Written in full by _merge_walk_kernel: no initialisation launch needed.
+    num_accepted = torch.empty(R, dtype=torch.int64, device=dev)
+    next_token = torch.empty(R, dtype=torch.int64, device=dev)
     if R == 0:
         return num_accepted, next_token
     bv, nt, warps = _launch_cfg(V, dev, block_v)
@@ -444,7 +473,7 @@ def sample_keyed(
     logits = _unit_last(logits)
     R, T, V = logits.shape
     dev = logits.device
-    out = torch.zeros(R, T, dtype=torch.int64, device=dev)
+    out = torch.empty(R, T, dtype=torch.int64, device=dev)
     if R * T == 0:
         return out
     bv, nt, warps = _launch_cfg(V, dev, block_v)
@@ -482,13 +511,17 @@ def ratio_verify(
     # With no draft slots the draft row is never read; any buffer with 3 strides will do as its pointer.
     dlogits = _unit_last(draft_logits.to(dev)) if R * D > 0 else logits
     pos = positions.to(device=dev, dtype=torch.int64).contiguous()
-    num_accepted = torch.zeros(R, dtype=torch.int64, device=dev)
-    next_token = torch.zeros(R, dtype=torch.int64, device=dev)
+    # With draft slots the accept kernel writes every row of num_accepted and row_stats; without (T == 1) nothing
+    # is ever rejected: num_accepted = 0 and neutral normalisers (0, 1, 0, 1).
+    alloc = torch.empty if D > 0 else torch.zeros
+    num_accepted = alloc(R, dtype=torch.int64, device=dev)
+    row_stats = alloc(R, 4, dtype=torch.float32, device=dev)
+    if D == 0:
+        row_stats[:, 1::2] = 1.0
+    next_token = torch.empty(R, dtype=torch.int64, device=dev)
     if R == 0:
         return num_accepted, next_token
     bv, nt, warps = _launch_cfg(V, dev, block_v)
-    row_stats = torch.zeros(R, 4, dtype=torch.float32, device=dev)
-    row_stats[:, 1::2] = 1.0  # neutral normalisers for rows that never reach the accept kernel
     if D > 0:
         stats = torch.empty(R * D * 4 * nt, dtype=torch.float32, device=dev)
         _ratio_stats_kernel[(R * D, nt)](

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random targets of every supported family, and a scripted drafter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+import dflash_hf
+from dflash_hf.generation_dflash import DraftSession
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=None,
+    pad_token_id=None,
+    bos_token_id=None,
+)
+
+FAMILIES = {
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(head_dim=8, **COMMON)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **COMMON)
+    ),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(head_dim=8, **COMMON)),
+}
+
+
+def make_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A tiny random target. float64: random tiny models have near-ties that fp32 rounding could flip."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family]()
+    if family == "qwen3_moe":
+        model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = None
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_drafter(target: torch.nn.Module, block_size: int = 8, seed: int = 1) -> dflash_hf.DFlashDraftModel:
+    torch.manual_seed(seed)
+    return dflash_hf.DFlashDraftModel.from_target(target, num_hidden_layers=1, block_size=block_size).eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+class Script:
+    """Makes DraftSession.propose return the target's true continuation with errors at chosen slots.
+
+    ``reference``: the full greedy sequence of the target. ``error_slots[s]`` is the 1-based block slot whose
+    draft is wrong at verify step s (None: every draft right). Acceptance length of step s is then known
+    exactly: ``error_slot`` (the drafts before it + the target's token), or B when all drafts are right.
+    """
+
+    def __init__(self, reference: torch.Tensor, error_slots: list, vocab: int) -> None:
+        self.reference = reference[0]
+        self.error_slots = list(error_slots)
+        self.vocab = vocab
+        self.step = 0
+
+    def propose(self, session, anchor, anchor_position, context_taps, context_positions):
+        block = session.block_size
+        pos = int(anchor_position[0]) + 1 + torch.arange(block - 1)
+        truth = self.reference[pos.clamp(max=self.reference.shape[0] - 1)].clone()
+        slot = self.error_slots[self.step] if self.step < len(self.error_slots) else None
+        if slot is not None:
+            truth[slot - 1] = (truth[slot - 1] + 1) % self.vocab
+        self.step += 1
+        logits = torch.full((1, block - 1, self.vocab), -1.0, dtype=torch.float64)
+        logits[0, torch.arange(block - 1), truth] = 1.0
+        return logits
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Install a Script on DraftSession.propose; returns a factory ``(reference, error_slots) -> Script``."""
+
+    def install(reference: torch.Tensor, error_slots: list, vocab: int = VOCAB) -> Script:
+        script = Script(reference, error_slots, vocab)
+        monkeypatch.setattr(
+            DraftSession, "propose", lambda self, *a: script.propose(self, *a)
+        )
+        return script
+
+    return install

@@ -1,0 +1,218 @@
+"""Lossless: generate(assistant_model=drafter) equals plain generate token for token, on every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_drafter, make_target
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+
+class AddBiasOnParity(LogitsProcessor):
+    """A processor whose effect depends on the sequence so far: slot-by-slot application matters."""
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, int(input_ids[0, -1]) % VOCAB] -= 2.0
+        scores[:, (int(input_ids.sum()) * 7) % VOCAB] += 1.5
+        return scores
+
+
+@pytest.mark.parametrize("prompt_len, max_new_tokens", [(1, 20), (5, 1), (23, 7)])
+def test_greedy_lossless_every_family(family, prompt_len, max_new_tokens):
+    target = make_target(family)
+    drafter = make_drafter(target, block_size=8)
+    prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    plain = target.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    fast = target.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+    stats = drafter.last_stats
+    assert stats.new_tokens == max_new_tokens
+    assert sum(stats.acceptance_lengths) >= max_new_tokens - 1
+    assert stats.num_target_forwards == len(stats.acceptance_lengths) + 1  # + the prefill
+    assert all(1 <= a <= 8 for a in stats.acceptance_lengths)
+
+
+def test_lossless_with_scripted_acceptance_and_limits_inside_block(family, scripted):
+    """Long acceptance (scripted drafts) so that max_new_tokens ends inside a block."""
+    target = make_target(family)
+    drafter = make_drafter(target, block_size=8)
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    plain = target.generate(prompt, max_new_tokens=19, do_sample=False)
+    scripted(plain, [None, 3, None, 1])
+    fast = target.generate(prompt, max_new_tokens=19, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+    # 1 from prefill, then 8 (all 7 drafts + bonus), 3, then the last step is capped by max_new_tokens: 19-12 = 7.
+    assert drafter.last_stats.acceptance_lengths == [8, 3, 7]
+
+
+def test_eos_inside_a_block(family, scripted):
+    target = make_target(family)
+    drafter = make_drafter(target, block_size=8)
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    reference = target.generate(prompt, max_new_tokens=30, do_sample=False)
+    eos = int(reference[0, prompt.shape[1] + 4])  # the 5th generated token becomes EOS
+    plain = target.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos)
+    scripted(reference, [None])
+    fast = target.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+    assert int(fast[0, -1]) == eos and fast.shape[1] <= prompt.shape[1] + 5
+
+
+def test_logits_processors_applied_per_slot(family, scripted):
+    target = make_target(family)
+    drafter = make_drafter(target)
+    prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=24, do_sample=False, repetition_penalty=1.7, no_repeat_ngram_size=3)
+    processors = LogitsProcessorList([AddBiasOnParity()])
+    plain = target.generate(prompt, logits_processor=processors, **kwargs)
+    scripted(plain, [None, 2, None, 5, None])
+    fast = target.generate(prompt, logits_processor=processors, assistant_model=drafter, **kwargs)
+    assert torch.equal(plain, fast)
+    assert max(drafter.last_stats.acceptance_lengths) == 8  # the scripted full blocks were accepted
+
+
+def test_random_drafter_several_prompts(family):
+    target = make_target(family, seed=7)
+    drafter = make_drafter(target, seed=8)
+    for seed in range(3):
+        prompt = torch.randint(0, VOCAB, (1, 4 + 3 * seed), generator=torch.Generator().manual_seed(seed))
+        plain = target.generate(prompt, max_new_tokens=15, do_sample=False)
+        assert torch.equal(plain, target.generate(prompt, max_new_tokens=15, do_sample=False, assistant_model=drafter))
+
+
+def test_attention_mask_with_left_padding_single_row():
+    target = make_target("qwen3")
+    drafter = make_drafter(target)
+    prompt = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(prompt)
+    mask[:, :3] = 0
+    plain = target.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    fast = target.generate(
+        prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, assistant_model=drafter
+    )
+    assert torch.equal(plain, fast)
+
+
+def test_scripted_acceptance_lengths_exact(scripted):
+    target = make_target("qwen3")
+    drafter = make_drafter(target, block_size=6)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(12))
+    plain = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    errors = [1, 2, 3, 4, 5, None, 1, None, 3]
+    scripted(plain, errors)
+    fast = target.generate(prompt, max_new_tokens=40, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+    expected, produced = [], 1
+    for slot in errors:
+        expected.append(slot if slot is not None else 6)
+        produced += expected[-1]
+    lengths = drafter.last_stats.acceptance_lengths
+    assert lengths[: len(errors)] == expected
+    assert sum(lengths) == 40 - 1 and drafter.last_stats.new_tokens == 40
+    assert drafter.last_stats.mean_acceptance_length == pytest.approx(sum(lengths) / len(lengths))
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_committed_tokens_in_order(scripted):
+    target = make_target("llama")
+    drafter = make_drafter(target)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(13))
+    plain = target.generate(prompt, max_new_tokens=20, do_sample=False)
+    scripted(plain, [None, 4])
+    streamer = Collect()
+    out = target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=drafter, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == prompt[0].tolist()
+    assert [t for chunk in streamer.chunks[1:] for t in chunk] == out[0, 5:].tolist()
+    assert any(len(chunk) > 1 for chunk in streamer.chunks[1:])  # whole accepted blocks arrive at once
+
+
+class StopAfterToken(StoppingCriteria):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_custom_stopping_criteria_inside_block(scripted):
+    target = make_target("qwen2")
+    drafter = make_drafter(target)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(14))
+    reference = target.generate(prompt, max_new_tokens=25, do_sample=False)
+    stop = StoppingCriteriaList([StopAfterToken(int(reference[0, 5 + 6]))])
+    plain = target.generate(prompt, max_new_tokens=25, do_sample=False, stopping_criteria=stop)
+    scripted(reference, [None])
+    fast = target.generate(prompt, max_new_tokens=25, do_sample=False, stopping_criteria=stop, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+
+
+def test_return_dict_with_scores_and_logits(scripted):
+    target = make_target("qwen3")
+    drafter = make_drafter(target)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(15))
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                  output_logits=True, repetition_penalty=1.3)
+    plain = target.generate(prompt, **kwargs)
+    scripted(plain.sequences, [None, 3])
+    fast = target.generate(prompt, assistant_model=drafter, **kwargs)
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert len(fast.scores) == len(plain.scores) == 12 and len(fast.logits) == 12
+    for a, b in zip(plain.scores, fast.scores):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(plain.logits, fast.logits):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_stock_assisted_loop_drives_candidate_generator(family, scripted):
+    """DFlashCandidateGenerator inside transformers' own _assisted_decoding: lossless, hooks removed."""
+    target = make_target(family)
+    drafter = make_drafter(target)
+    drafter.generation_loop = "transformers"
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(16))
+    plain = target.generate(prompt, max_new_tokens=18, do_sample=False)
+    scripted(plain, [None, 2])
+    fast = target.generate(prompt, max_new_tokens=18, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+    assert drafter.last_stats.acceptance_lengths[:2] == [8, 2]
+    assert drafter.last_stats.new_tokens == 18
+    from dflash_hf.generation_dflash import target_decoder_layers
+
+    assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
+
+
+def test_hooks_removed_when_generation_raises():
+    target = make_target("qwen3")
+    drafter = make_drafter(target)
+
+    class Boom(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Boom.calls += 1
+            if Boom.calls == 3:
+                raise KeyboardInterrupt
+            return scores
+
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(17))
+    with pytest.raises(KeyboardInterrupt):
+        target.generate(prompt, max_new_tokens=10, logits_processor=LogitsProcessorList([Boom()]),
+                        assistant_model=drafter)
+    from dflash_hf.generation_dflash import target_decoder_layers
+
+    assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
+    fresh = make_target("qwen3")
+    assert torch.equal(target.generate(prompt, max_new_tokens=10), fresh.generate(prompt, max_new_tokens=10))
