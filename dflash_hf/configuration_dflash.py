@@ -109,7 +109,8 @@ class DFlashConfig(PretrainedConfig):
 
         self.use_sliding_window = bool(use_sliding_window)
         self.sliding_window = None if sliding_window is None else _as_int("sliding_window", sliding_window, minimum=1)
-        self.max_window_layers = max_window_layers
+        # Qwen3Config (which vLLM/SGLang parse this file with) requires an int here.
+        self.max_window_layers = self.num_hidden_layers if max_window_layers is None else max_window_layers
         self.layer_types = _layer_types(layer_types, self.num_hidden_layers, self)
 
         self.block_size = _as_int("block_size", block_size, minimum=2)
@@ -196,7 +197,7 @@ def _rope_parameters(rope_parameters: Any, rope_theta: Any, rope_scaling: Any) -
 
 def _layer_types(layer_types: Any, num_layers: int, config: DFlashConfig) -> list[str]:
     if layer_types is None:
-        window_from = config.max_window_layers if config.max_window_layers is not None else num_layers
+        window_from = config.max_window_layers
         sliding = config.use_sliding_window and config.sliding_window is not None
         return ["sliding_attention" if sliding and i >= window_from else "full_attention" for i in range(num_layers)]
     if not isinstance(layer_types, (list, tuple)) or len(layer_types) != num_layers:

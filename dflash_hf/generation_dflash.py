@@ -28,7 +28,14 @@ from torch import nn
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
-from . import transformers_compat as compat
+from .transformers_compat import (
+    activate_past_recording,
+    cache_from_model_kwargs,
+    crop_cache,
+    forward_cache_kwarg,
+    layer_output_hidden,
+    make_generate_output,
+)
 
 # Attention-only families whose KV cache crops exactly. Hybrid (linear-attention) families need state rollback.
 SUPPORTED_TARGET_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
@@ -178,7 +185,7 @@ class TapRecorder:
         return self
 
     def _record(self, idx: int, module: nn.Module, args: Any, output: Any) -> None:
-        self._captured[idx] = compat.layer_output_hidden(output).detach()
+        self._captured[idx] = layer_output_hidden(output).detach()
 
     def take(self) -> torch.Tensor:
         missing = [i for i in self.layer_ids if i not in self._captured]
@@ -343,11 +350,11 @@ def run_dflash_decoding(
     _check_request(generation_config, input_ids, synced_gpus)
     validate_pair(target, drafter)
 
-    cache = compat.cache_from_model_kwargs(model_kwargs)
+    cache = cache_from_model_kwargs(model_kwargs)
     if cache is None:
         raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
-    compat.activate_past_recording(cache)
-    cache_kwarg = compat.forward_cache_kwarg(target)
+    activate_past_recording(cache)
+    cache_kwarg = forward_cache_kwarg(target)
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
@@ -418,7 +425,7 @@ def run_dflash_decoding(
             logits = target_forward(block, block_positions, keep_all=True)  # [1, n+1, V]
             scores = process_block_scores(logits, input_ids, drafts, logits_processor)
             accepted, picks = verify_torch(scores, drafts, do_sample)
-            compat.crop_cache(cache, num_drafts - accepted)
+            crop_cache(cache, num_drafts - accepted)
             # The block's accepted prefix (pending token + accepted drafts) is committed context for the drafter.
             context = taps.take()[:, : accepted + 1]
             context_positions = block_positions[:, : accepted + 1]
@@ -432,7 +439,7 @@ def run_dflash_decoding(
         streamer.end()
     if not generation_config.return_dict_in_generate:
         return input_ids
-    return compat.make_generate_output(
+    return make_generate_output(
         input_ids,
         cache,
         scores=tuple(scores_out) if want_scores else None,

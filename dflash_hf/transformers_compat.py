@@ -36,11 +36,6 @@ def forward_cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def output_cache(outputs: Any) -> Any:
-    cache = getattr(outputs, "cache", None) if "cache" in getattr(outputs, "keys", lambda: ())() else None
-    return cache if cache is not None else getattr(outputs, "past_key_values", None)
-
-
 def crop_cache(cache: Any, tokens_to_remove: int) -> None:
     """Drop the last ``tokens_to_remove`` positions of a transformers cache (no-op for 0)."""
     if tokens_to_remove < 0:
@@ -75,5 +70,4 @@ __all__ = [
     "forward_cache_kwarg",
     "layer_output_hidden",
     "make_generate_output",
-    "output_cache",
 ]

@@ -380,6 +380,22 @@ def test_goodness_of_fit_triton_small() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The real compiler (no GPU needed): catches what the interpreter cannot (types, scalar control flow, inline PTX)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_kernels_compile_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _CHILD_FLAG)}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dflash_hf.kernels.compile_check", "--arch", "90"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "compiled" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------------
 
