@@ -1,7 +1,7 @@
 """Ahead-of-time compile every Triton verification kernel for a GPU architecture, without a GPU.
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not whether they compile: type
-promotion, scalar control flow and inline PTX are only checked by the real compiler. This runs that compiler
+promotion and scalar control flow are only checked by the real compiler. This runs that compiler
 (through PTX to a cubin) for each kernel specialisation the wrappers launch.
 
     TRITON_INTERPRET= python -m dflash_hf.kernels.compile_check [--arch 90] [--verbose]
@@ -24,15 +24,13 @@ def _specialisations() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
     out: list[tuple[str, dict[str, str], dict[str, Any], int]] = []
     for ldt in LOGIT_DTYPES:
         for ragged, gumbel in ((True, False), (True, True), (False, True)):
-            for fast in (False, True) if gumbel else (False,):
-                out.append((
-                    "_tile_argmax_kernel",
-                    dict(logits_ptr=ldt, stride_lr="i64", stride_lt="i32", num_drafts_ptr="*i64",
-                         positions_ptr="*i64", tile_val_ptr="*fp32", tile_idx_ptr="*i32", key="i32", T="i32",
-                         V="i32", NT="i32"),
-                    dict(RAGGED=ragged, GUMBEL=gumbel, FAST_LOG=fast, BLOCK_V=4096),
-                    8,
-                ))  # fmt: skip
+            out.append((
+                "_tile_argmax_kernel",
+                dict(logits_ptr=ldt, stride_lr="i64", stride_lt="i32", num_drafts_ptr="*i64", positions_ptr="*i64",
+                     tile_val_ptr="*fp32", tile_idx_ptr="*i32", key="i32", T="i32", V="i32", NT="i32"),
+                dict(RAGGED=ragged, GUMBEL=gumbel, BLOCK_V=4096),
+                8,
+            ))  # fmt: skip
         ptrs = dict(target_ptr=ldt, stride_tr="i32", stride_tt="i32", draft_ptr=ldt, stride_dr="i32", stride_dt="i32")
         out.append(("_ratio_stats_kernel",
                     dict(ptrs, num_drafts_ptr="*i64", stats_ptr="*fp32", T="i32", V="i32", NT="i32"),
@@ -42,12 +40,11 @@ def _specialisations() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
                          stats_ptr="*fp32", num_accepted_ptr="*i64", row_stats_ptr="*fp32", key_accept="i32",
                          T="i32", V="i32", NT="i32"),
                     dict(BLOCK_T=16, BLOCK_NT=64), 4))  # fmt: skip
-        for fast in (False, True):
-            out.append(("_residual_tile_kernel",
-                        dict(ptrs, num_drafts_ptr="*i64", positions_ptr="*i64", num_accepted_ptr="*i64",
-                             row_stats_ptr="*fp32", res_val_ptr="*fp32", res_idx_ptr="*i32", fb_val_ptr="*fp32",
-                             fb_idx_ptr="*i32", key_residual="i32", key_target="i32", T="i32", V="i32", NT="i32"),
-                        dict(FAST_LOG=fast, BLOCK_V=4096), 8))  # fmt: skip
+        out.append(("_residual_tile_kernel",
+                    dict(ptrs, num_drafts_ptr="*i64", positions_ptr="*i64", num_accepted_ptr="*i64",
+                         row_stats_ptr="*fp32", res_val_ptr="*fp32", res_idx_ptr="*i32", fb_val_ptr="*fp32",
+                         fb_idx_ptr="*i32", key_residual="i32", key_target="i32", T="i32", V="i32", NT="i32"),
+                    dict(BLOCK_V=4096), 8))  # fmt: skip
     out.append(("_merge_walk_kernel",
                 dict(tile_val_ptr="*fp32", tile_idx_ptr="*i32", draft_ptr="*i64", stride_dr="i32",
                      num_drafts_ptr="*i64", num_accepted_ptr="*i64", next_token_ptr="*i64", T="i32", NT="i32"),

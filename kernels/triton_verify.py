@@ -90,22 +90,10 @@ def _uniform(key, pos, tok):
 
 
 @triton.jit
-def _ln(x, FAST_LOG: tl.constexpr):
-    """Natural log. FAST_LOG (GPU only): the MUFU ``lg2.approx`` instruction (relative error < 2**-22) instead of
-    tl.log's ~12-FMA polynomial. The Gumbel noise needs two logs per vocab element, which would otherwise make
-    strict sampling compute-bound at large batch. The interpreter cannot run inline PTX, so it uses tl.log."""
-    if FAST_LOG:
-        y = tl.inline_asm_elementwise(
-            "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        ) * 0.6931471805599453
-    else:
-        y = tl.log(x)
-    return y
-
-
-@triton.jit
-def _gumbel(key, pos, tok, FAST_LOG: tl.constexpr):
-    return -_ln(-_ln(_uniform(key, pos, tok), FAST_LOG), FAST_LOG)
+def _gumbel(key, pos, tok):
+    # Both logs must be accurate near 1 in RELATIVE terms: u close to 1 gives the largest noise (the candidates that
+    # win the argmax), where -log(u) is tiny. So no lg2.approx here; tl.log lowers to an accurate polynomial.
+    return -tl.log(-tl.log(_uniform(key, pos, tok)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +146,7 @@ def _tile_argmax_kernel(
     positions_ptr,  # [R] int64; only read when GUMBEL
     tile_val_ptr, tile_idx_ptr,  # scratch [R, T, NT] fp32 / int32
     key, T, V, NT,
-    RAGGED: tl.constexpr, GUMBEL: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_V: tl.constexpr,
+    RAGGED: tl.constexpr, GUMBEL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rt = tl.program_id(0)  # = r * T + t
     tile = tl.program_id(1)
@@ -176,7 +164,7 @@ def _tile_argmax_kernel(
         x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         if GUMBEL:
             pos = (tl.load(positions_ptr + r) + t).to(tl.uint32)
-            x = x + _gumbel(key, pos, offs.to(tl.uint32), FAST_LOG)  # -inf (filtered) stays -inf: never sampled
+            x = x + _gumbel(key, pos, offs.to(tl.uint32))  # -inf (filtered) stays -inf: never sampled
         best, idx = _first_argmax(x, offs)
         tl.store(tile_val_ptr + rt * NT + tile, best)
         tl.store(tile_idx_ptr + rt * NT + tile, idx)
@@ -325,7 +313,7 @@ def _residual_tile_kernel(
     res_val_ptr, res_idx_ptr,  # scratch [R, NT]: residual (or bonus) Gumbel-argmax per tile
     fb_val_ptr, fb_idx_ptr,  # scratch [R, NT]: Gumbel-argmax of p, used if the residual is all zero
     key_residual, key_target, T, V, NT,
-    FAST_LOG: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     r = tl.program_id(0)
     tile = tl.program_id(1)
@@ -343,7 +331,7 @@ def _residual_tile_kernel(
     ld = tl.load(draft_ptr + r64 * stride_dr + t * stride_dt + offs, mask=draft_mask, other=float("-inf"))
     ld = ld.to(tl.float32)
     pos = (tl.load(positions_ptr + r) + t).to(tl.uint32)
-    g = _gumbel(tl.where(rejected, key_residual, key_target), pos, offs.to(tl.uint32), FAST_LOG)
+    g = _gumbel(tl.where(rejected, key_residual, key_target), pos, offs.to(tl.uint32))
     big_mp = tl.load(row_stats_ptr + r * 4)
     big_sp = tl.load(row_stats_ptr + r * 4 + 1)
     big_mq = tl.load(row_stats_ptr + r * 4 + 2)
@@ -388,11 +376,6 @@ def default_block_v(V: int, device: torch.device) -> int:
     16384, because there the cost is per program, not per element."""
     cap = 4096 if device.type == "cuda" else 16384
     return min(cap, triton.next_power_of_2(max(int(V), 1)))
-
-
-def _fast_log(device: torch.device) -> bool:
-    """Inline-PTX fast log only where it can run: compiled CUDA kernels (never the interpreter)."""
-    return device.type == "cuda" and not interpreter_active()
 
 
 def _launch_cfg(V: int, device: torch.device, block_v: int | None) -> tuple[int, int, int]:
@@ -449,7 +432,7 @@ def _argmax_verify(
     pos = nd if positions is None else positions.to(device=dev, dtype=torch.int64).contiguous()
     _tile_argmax_kernel[(R * T, nt)](
         logits, logits.stride(0), logits.stride(1), nd, pos, tile_val, tile_idx,
-        key, T, V, nt, RAGGED=True, GUMBEL=gumbel, FAST_LOG=_fast_log(dev), BLOCK_V=bv, num_warps=warps,
+        key, T, V, nt, RAGGED=True, GUMBEL=gumbel, BLOCK_V=bv, num_warps=warps,
     )  # fmt: skip
     _merge_walk_kernel[(R,)](
         tile_val, tile_idx, drafts, drafts.stride(0), nd, num_accepted, next_token, T, nt,
@@ -508,8 +491,7 @@ def sample_keyed(
     pos = positions.to(device=dev, dtype=torch.int64).contiguous()
     _tile_argmax_kernel[(R * T, nt)](
         logits, logits.stride(0), logits.stride(1), pos, pos, tile_val, tile_idx,
-        stream_key_i32(seed, stream), T, V, nt,
-        RAGGED=False, GUMBEL=True, FAST_LOG=_fast_log(dev), BLOCK_V=bv, num_warps=warps,
+        stream_key_i32(seed, stream), T, V, nt, RAGGED=False, GUMBEL=True, BLOCK_V=bv, num_warps=warps,
     )  # fmt: skip
     _merge_tiles_kernel[(R * T,)](
         tile_val, tile_idx, tile_val, tile_idx, out, nt,
@@ -569,7 +551,7 @@ def ratio_verify(
         logits, logits.stride(0), logits.stride(1), dlogits, dlogits.stride(0), dlogits.stride(1),
         nd, pos, num_accepted, row_stats, res_val, res_idx, fb_val, fb_idx,
         stream_key_i32(seed, STREAM_RESIDUAL), stream_key_i32(seed, STREAM_TARGET), T, V, nt,
-        FAST_LOG=_fast_log(dev), BLOCK_V=bv, num_warps=warps,
+        BLOCK_V=bv, num_warps=warps,
     )  # fmt: skip
     _merge_tiles_kernel[(R,)](
         res_val, res_idx, fb_val, fb_idx, next_token, nt,

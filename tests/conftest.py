@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton reads this once, at its first import (transformers imports it): kernel tests run in the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import (
