@@ -280,22 +280,87 @@ def process_block_scores(
     return torch.stack(processed, dim=1)
 
 
-def verify_torch(scores: torch.Tensor, drafts: torch.Tensor, do_sample: bool) -> tuple[int, torch.Tensor]:
-    """Greedy or strict-sampling verification. scores: [1, n+1, V]; drafts: [1, n].
+def process_draft_scores(
+    draft_logits: torch.Tensor, sequence: torch.Tensor, logits_processor: Any, verifier: "BlockVerifier"
+) -> torch.Tensor:
+    """Ratio mode: the drafter's q gets the same processors as the target (temperature, top-k, …).
 
-    Returns (accepted drafts, the n+1 target picks [n+1]); the committed token after the accepted drafts is
-    ``picks[accepted]``. Strict sampling draws every slot from the target (same RNG as plain ``generate``) and
+    draft_logits: [1, n, V]. Slot t's processors see ``sequence + drafts[:t]``, so with processors the drafts
+    are sampled one slot at a time; returns fp32 scores [1, n, V] (the q the drafts were sampled from).
+    """
+    scores = draft_logits.float()
+    if not logits_processor or scores.shape[1] == 0:
+        return scores
+    prefix, processed = sequence, []
+    for t in range(scores.shape[1]):
+        slot = logits_processor(prefix, scores[:, t])
+        processed.append(slot)
+        token = verifier.sample_drafts(slot[:, None], sequence.shape[1] + t)
+        prefix = torch.cat((prefix, token), dim=1)
+    return torch.stack(processed, dim=1)
+
+
+def _verify_portable(scores: torch.Tensor, drafts: torch.Tensor, do_sample: bool) -> tuple[int, torch.Tensor]:
+    """Greedy or strict-sampling verification with plain torch ops (the path of published drafters when
+    ``dflash_hf`` is not installed). scores: [1, n+1, V]; drafts: [1, n].
+
+    Strict sampling draws every slot from the target (with the same global RNG as plain ``generate``) and
     accepts while the draw equals the draft, so each committed token is an exact sample of the target.
     """
     if do_sample:
-        probs = torch.softmax(scores[0], dim=-1)
-        picks = torch.multinomial(probs, num_samples=1).squeeze(-1)
+        picks = torch.multinomial(torch.softmax(scores[0], dim=-1), num_samples=1).squeeze(-1)
     else:
         picks = scores[0].argmax(dim=-1)
     n = drafts.shape[1]
-    matches = (picks[:n] == drafts[0]).int()
-    accepted = int(matches.cumprod(0).sum()) if n else 0
-    return accepted, picks
+    accepted = int((picks[:n] == drafts[0]).int().cumprod(0).sum()) if n else 0
+    return accepted, picks[accepted : accepted + 1]
+
+
+class BlockVerifier:
+    """Decides, per verify step, how many drafts the target accepts and which token it commits next.
+
+    Modes: ``greedy``; ``strict`` (sample the target at each slot, accept while equal to the draft); ``ratio``
+    (drafts sampled from the drafter's q, accepted with probability min(1, p/q), residual resampling).
+    With ``dflash_hf`` installed the fused kernels run (Triton on CUDA, their torch reference elsewhere) with
+    randomness keyed by (seed, position, token) — the seed is drawn once from torch's global RNG, so
+    ``torch.manual_seed`` makes runs reproducible. Without it, greedy and strict run on plain torch ops.
+    """
+
+    def __init__(self, do_sample: bool, sampling_mode: str, device: torch.device) -> None:
+        if sampling_mode not in ("strict", "ratio"):
+            raise ValueError(f"drafter.sampling_mode must be 'strict' or 'ratio', got {sampling_mode!r}.")
+        self.kernels = _kernel_module()
+        self.mode = "greedy" if not do_sample else sampling_mode
+        if self.mode == "ratio" and self.kernels is None:
+            raise ValueError("sampling_mode='ratio' needs the dflash_hf package (pip install dflash-hf).")
+        self.backend = "torch" if self.kernels is None else self.kernels.select_backend(device)
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,))) if do_sample and self.kernels is not None else None
+
+    @property
+    def samples_drafts(self) -> bool:
+        return self.mode == "ratio"
+
+    def sample_drafts(self, draft_scores: torch.Tensor, first_position: int) -> torch.Tensor:
+        """Ratio mode: drafts [1, n] sampled from the drafter's processed scores [1, n, V]."""
+        positions = torch.tensor([first_position], device=draft_scores.device)
+        return self.kernels.sample_keyed(draft_scores, self.seed, positions, backend=self.backend)
+
+    def __call__(
+        self, scores: torch.Tensor, drafts: torch.Tensor, first_position: int, draft_scores: torch.Tensor | None = None
+    ) -> tuple[int, torch.Tensor]:
+        """scores: [1, n+1, V] processed target scores; drafts: [1, n]; ``first_position``: sequence index of
+        the token slot 0 decides. Returns (accepted drafts, next token [1])."""
+        if self.kernels is None:
+            return _verify_portable(scores, drafts, self.mode != "greedy")
+        num_drafts = torch.tensor([drafts.shape[1]], device=scores.device)
+        positions = torch.tensor([first_position], device=scores.device)
+        if self.mode == "ratio" and draft_scores is None:  # the prefill: no drafts, q is never read
+            draft_scores = scores[:, :0]
+        accepted, next_token, _ = self.kernels.verify(
+            self.mode, scores, drafts, num_drafts, draft_logits=draft_scores, seed=self.seed,
+            positions=positions, backend=self.backend,
+        )
+        return int(accepted[0]), next_token.view(1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -359,12 +424,13 @@ def run_dflash_decoding(
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     do_sample = bool(generation_config.do_sample)
+    verifier = BlockVerifier(do_sample, getattr(drafter, "sampling_mode", "strict"), input_ids.device)
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     scores_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
 
-    stats = DFlashStats(sampling="strict" if do_sample else "greedy", block_size=drafter.config.block_size)
+    stats = DFlashStats(sampling=verifier.mode, block_size=drafter.config.block_size, verify_backend=verifier.backend)
     drafter.last_stats = stats
     session = DraftSession(target, drafter)
     device = input_ids.device
@@ -407,16 +473,22 @@ def run_dflash_decoding(
         context, context_positions = taps.take(), positions  # [1, P, K*H], [1, P]
         no_drafts = input_ids[:, :0]
         scores = process_block_scores(logits, input_ids, no_drafts, logits_processor)
-        _, picks = verify_torch(scores, no_drafts, do_sample)
+        _, first_token = verifier(scores, no_drafts, input_ids.shape[1])
         stats.prefill_time_s = time.perf_counter() - t0
-        done = commit(picks[:1], scores, logits)
+        done = commit(first_token, scores, logits)
 
         while not done:
             t0 = time.perf_counter()
             # Never draft past max_length: the last step may verify fewer than B-1 drafts.
             num_drafts = max(0, min(session.block_size - 1, generation_config.max_length - input_ids.shape[1] - 1))
             draft_logits = session.propose(input_ids[:, -1], positions[:, -1], context, context_positions)
-            drafts = draft_logits[:, :num_drafts].argmax(dim=-1).to(device)  # [1, n]
+            draft_scores = None
+            if verifier.samples_drafts:
+                draft_scores = process_draft_scores(draft_logits[:, :num_drafts].to(device), input_ids,
+                                                    logits_processor, verifier)
+                drafts = verifier.sample_drafts(draft_scores, input_ids.shape[1])
+            else:
+                drafts = draft_logits[:, :num_drafts].argmax(dim=-1).to(device)  # [1, n]
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0
 
@@ -424,13 +496,13 @@ def run_dflash_decoding(
             block_positions = positions[:, -1:] + torch.arange(num_drafts + 1, device=device)
             logits = target_forward(block, block_positions, keep_all=True)  # [1, n+1, V]
             scores = process_block_scores(logits, input_ids, drafts, logits_processor)
-            accepted, picks = verify_torch(scores, drafts, do_sample)
+            accepted, next_token = verifier(scores, drafts, input_ids.shape[1], draft_scores)
             crop_cache(cache, num_drafts - accepted)
             # The block's accepted prefix (pending token + accepted drafts) is committed context for the drafter.
             context = taps.take()[:, : accepted + 1]
             context_positions = block_positions[:, : accepted + 1]
             stats.acceptance_lengths.append(accepted + 1)
-            committed = torch.cat((drafts[0, :accepted], picks[accepted : accepted + 1]))
+            committed = torch.cat((drafts[0, :accepted], next_token))
             done = commit(committed, scores[:, : accepted + 1], logits[:, : accepted + 1])
             stats.verify_time_s += time.perf_counter() - t1
         stats.draft_cache_bytes = session.cache.nbytes()

@@ -257,6 +257,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         # How `generate(assistant_model=self)` decodes: "dflash" (our loop: fused verification, exact stopping)
         # or "transformers" (the stock assisted loop driving DFlashCandidateGenerator).
         self.generation_loop = "dflash"
+        # Lossless sampling rule when do_sample=True: "strict" (sample the target at every slot, accept while it
+        # equals the draft) or "ratio" (speculative sampling with the drafter's distribution; needs dflash_hf).
+        self.sampling_mode = "strict"
         self.post_init()
 
     @property

@@ -1,0 +1,174 @@
+"""``dflash-hf bench``: plain greedy vs DFlash vs prompt-lookup, side by side in one process.
+
+The machine this runs on is shared and noisy, so absolute times drift; what we report are ratios measured in the
+same run, with the methods alternating prompt by prompt so that drift hits all of them alike. Every DFlash (and
+prompt-lookup) output is compared with plain greedy: a mismatch is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import atomic_write_text, chat_prompt_ids, load_prompts
+
+METHOD_LABELS = {
+    "plain": "plain generate",
+    "dflash": "DFlash",
+    "prompt_lookup": "prompt lookup (n=10)",
+}
+
+
+def default_prompt_file() -> Path:
+    """24 hand-written prompts, never used in training (training prompts are written by the target itself)."""
+    return Path(str(files("dflash_hf") / "assets" / "bench_prompts.jsonl"))
+
+
+def _timed_generate(target: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, float]:
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = target.generate(ids, **kwargs)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run_bench(
+    target: Any,
+    tokenizer: Any,
+    drafter: Any,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    methods: tuple[str, ...] = ("plain", "dflash", "prompt_lookup"),
+    warmup: bool = True,
+) -> dict:
+    """Time every method on every prompt (alternating order); returns the results dict (JSON-ready)."""
+    device = next(target.parameters()).device
+    base = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    per_method = {
+        "plain": {},
+        "dflash": {"assistant_model": drafter},
+        "prompt_lookup": {"prompt_lookup_num_tokens": 10},
+    }
+    encoded = [torch.tensor([chat_prompt_ids(tokenizer, p)], device=device) for p in prompts]
+    if warmup:
+        for method in methods:
+            target.generate(encoded[0], **{**base, "max_new_tokens": 8}, **per_method[method])
+    totals = {m: {"tokens": 0, "seconds": 0.0} for m in methods}
+    acceptance: list[int] = []
+    mismatches: dict[str, list[int]] = {m: [] for m in methods if m != "plain"}
+    per_prompt = []
+    for index, ids in enumerate(tqdm(encoded, desc="bench", unit="prompt")):
+        order = list(methods) if index % 2 == 0 else list(reversed(methods))
+        outputs = {}
+        for method in order:
+            out, seconds = _timed_generate(target, ids, **base, **per_method[method])
+            outputs[method] = out
+            new = out.shape[1] - ids.shape[1]
+            totals[method]["tokens"] += new
+            totals[method]["seconds"] += seconds
+            if method == "dflash":
+                acceptance.extend(drafter.last_stats.acceptance_lengths)
+        row = {"prompt": prompts[index], "new_tokens": int(outputs["plain"].shape[1] - ids.shape[1])}
+        for method in mismatches:
+            same = torch.equal(outputs[method], outputs["plain"])
+            row[f"{method}_lossless"] = same
+            if not same:
+                mismatches[method].append(index)
+        per_prompt.append(row)
+
+    plain_rate = totals["plain"]["tokens"] / totals["plain"]["seconds"]
+    results = {}
+    for method in methods:
+        rate = totals[method]["tokens"] / totals[method]["seconds"]
+        results[method] = {
+            "tokens_per_s": round(rate, 3),
+            "speedup": round(rate / plain_rate, 3),
+            "mean_acceptance_length": round(sum(acceptance) / len(acceptance), 3)
+            if method == "dflash" and acceptance
+            else None,
+        }
+    return {
+        "command": " ".join(["dflash-hf", *sys.argv[1:]]) if Path(sys.argv[0]).name == "dflash-hf" else None,
+        "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
+        "drafter": getattr(drafter.config, "name_or_path", "") or "drafter",
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+        "max_new_tokens": max_new_tokens,
+        "num_prompts": len(prompts),
+        "transformers_version": __import__("transformers").__version__,
+        "torch_version": torch.__version__,
+        "lossless": not any(mismatches.values()),
+        "mismatched_prompts": mismatches,
+        "methods": results,
+        "acceptance_histogram": dict(sorted(Counter(acceptance).items())),
+        "block_size": drafter.config.block_size,
+        "per_prompt": per_prompt,
+    }
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'method':<24}{'tokens/s':>10}{'speedup':>10}{'accept len':>12}"]
+    for method, row in results["methods"].items():
+        tau = f"{row['mean_acceptance_length']:.2f}" if row["mean_acceptance_length"] is not None else "-"
+        lines.append(f"{METHOD_LABELS.get(method, method):<24}{row['tokens_per_s']:>10.2f}{row['speedup']:>9.2f}x{tau:>12}")
+    verdict = "lossless on every prompt" if results["lossless"] else f"MISMATCH: {results['mismatched_prompts']}"
+    lines.append(f"{results['num_prompts']} prompts, {results['max_new_tokens']} new tokens max, greedy; {verdict}")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: str | Path) -> None:
+    """Acceptance-length histogram and throughput bars, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    hist = {int(k): v for k, v in results["acceptance_histogram"].items()}
+    lengths = list(range(1, results["block_size"] + 1))
+    left.bar(lengths, [hist.get(k, 0) for k in lengths], color="#4c72b0")
+    tau = results["methods"]["dflash"]["mean_acceptance_length"]
+    left.set(title=f"DFlash acceptance length per verify step (mean {tau:.2f})", xlabel="tokens committed per target forward", ylabel="steps")
+    names = list(results["methods"])
+    rates = [results["methods"][m]["tokens_per_s"] for m in names]
+    bars = right.bar([METHOD_LABELS.get(m, m) for m in names], rates, color=["#999999", "#dd8452", "#55a868"][: len(names)])
+    for bar, m in zip(bars, names):
+        right.annotate(f"{results['methods'][m]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom")
+    right.set(title=f"Throughput ({results['device']}, {results['dtype']})", ylabel="new tokens / s")
+    fig.suptitle(f"{results['target']} + {results['drafter']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "bench.json", out_dir / "bench.png"
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    plot_results(results, png_path)
+    return json_path, png_path
+
+
+def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[str]:
+    return load_prompts(str(path or default_prompt_file()), limit=limit)
+
+
+__all__ = ["default_prompt_file", "format_table", "load_prompt_file", "plot_results", "run_bench", "write_outputs"]

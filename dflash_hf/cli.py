@@ -1,0 +1,220 @@
+"""The ``dflash-hf`` command: demo, generate, bench, train, export, publish."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sea is salty."
+
+
+def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | None) -> tuple[Any, Any, Any]:
+    """The offline default pair, or a target (transformers id/folder) and a drafter (id/folder)."""
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if target_path is None:
+        from .default_pair import default_drafter_dir, load_default_target
+
+        target, tokenizer = load_default_target(torch_dtype)
+        drafter_path = drafter_path or str(default_drafter_dir())
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(target_path)
+        target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch_dtype or "auto", device_map="auto").eval()
+        if drafter_path is None:
+            raise SystemExit("--drafter is required when --target is given.")
+    from .modeling_dflash import DFlashDraftModel
+
+    drafter = DFlashDraftModel.from_pretrained(drafter_path, dtype=target.dtype).to(target.device).eval()
+    return target, tokenizer, drafter
+
+
+def _chat_ids(tokenizer: Any, prompt: str, device: torch.device) -> torch.Tensor:
+    from .data import chat_prompt_ids
+
+    return torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    started = time.perf_counter()
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype)
+    print(f"Loaded {target.config.name_or_path} + DFlash drafter (block {drafter.config.block_size}, "
+          f"{drafter.config.num_hidden_layers} layers) in {time.perf_counter() - started:.1f} s\n")
+    ids = _chat_ids(tokenizer, args.prompt, target.device)
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    target.generate(ids, max_new_tokens=4, assistant_model=drafter)  # warm-up, so timings compare like with like
+    print(f"> {args.prompt}\n")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    fast = target.generate(ids, assistant_model=drafter, streamer=streamer, **common)
+    fast_s = time.perf_counter() - t0
+    stats = drafter.last_stats
+    t0 = time.perf_counter()
+    plain = target.generate(ids, **common)
+    plain_s = time.perf_counter() - t0
+    new = fast.shape[1] - ids.shape[1]
+    print()
+    print(f"mean acceptance length : {stats.mean_acceptance_length:.2f} tokens per target forward "
+          f"({stats.num_target_forwards} forwards for {new} tokens)")
+    print(f"DFlash                 : {new / fast_s:.1f} tokens/s")
+    print(f"plain generate         : {(plain.shape[1] - ids.shape[1]) / plain_s:.1f} tokens/s")
+    print(f"speedup                : {plain_s / fast_s * new / max(1, plain.shape[1] - ids.shape[1]):.2f}x")
+    print(f"identical to plain     : {torch.equal(fast, plain)}")
+    return 0 if torch.equal(fast, plain) else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype)
+    ids = _chat_ids(tokenizer, args.prompt, target.device)
+    sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    target.generate(ids, assistant_model=drafter, streamer=streamer, max_new_tokens=args.max_new_tokens,
+                    pad_token_id=tokenizer.eos_token_id, **sampling)
+    print(f"\n[mean acceptance length {drafter.last_stats.mean_acceptance_length:.2f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, load_prompt_file, run_bench, write_outputs
+
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype)
+    prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
+    results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens)
+    results["command"] = "dflash-hf " + " ".join(args.argv)
+    print(format_table(results))
+    json_path, png_path = write_outputs(results, args.out)
+    print(f"wrote {json_path} and {png_path}")
+    return 0 if results["lossless"] else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import atomic_write_text, load_prompts, magpie_prompts, read_jsonl, regenerate
+    from .modeling_dflash import DFlashDraftModel
+    from .training import FeatureDataset, TrainConfig, extract_features, train_drafter
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.target is None:
+        from .default_pair import load_default_target
+
+        target, tokenizer = load_default_target()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto", device_map="auto").eval()
+    # Stage 1: prompts (saved once, so a resumed run regenerates the same ones) and the target's responses.
+    prompt_file = out / "prompts.jsonl"
+    if not prompt_file.exists():
+        if args.prompts:
+            prompts = load_prompts(args.prompts, limit=args.num_prompts)
+        else:
+            prompts = magpie_prompts(target, tokenizer, args.num_prompts, seed=args.seed)
+        atomic_write_text(prompt_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    prompts = [r["prompt"] for r in read_jsonl(prompt_file)]
+    regenerate(target, tokenizer, prompts, out / "data", max_new_tokens=args.max_new_tokens,
+               temperature=args.temperature, batch_size=args.gen_batch_size,
+               openai_base_url=args.openai_base_url, openai_model=args.openai_model)
+    # Stage 2: the drafter's shape decides which layers to tap; features are cached for those.
+    drafter = DFlashDraftModel.from_target(
+        target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
+        mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
+    ).float()
+    extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
+    # Stage 3: training (resumes from the newest checkpoint unless --no-resume).
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, num_anchors=args.num_anchors, lr=args.lr,
+                         seed=args.seed, save_every=args.save_every)
+    train_drafter(drafter, target, FeatureDataset(out / "features"), out / "checkpoints", config,
+                  resume=not args.no_resume)
+    drafter.config.name_or_path = f"{Path(args.out).name}"
+    drafter.save_pretrained(out / "drafter")
+    print(f"drafter saved to {out / 'drafter'}")
+    return 0
+
+
+def _add_pair_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="transformers model id or folder (default: offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--drafter", help="DFlash drafter id or folder (default: the shipped drafter)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dflash-hf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="stream an answer with the offline default pair and report the speedup")
+    _add_pair_args(demo)
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="generate with a DFlash drafter, streaming")
+    _add_pair_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="plain vs DFlash vs prompt lookup, side by side; JSON + PNG")
+    _add_pair_args(bench)
+    bench.add_argument("--prompts", help="JSONL prompt file (default: the shipped held-out prompts)")
+    bench.add_argument("--num-prompts", type=int)
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--out", default="bench-results")
+    bench.set_defaults(func=cmd_bench)
+
+    train = sub.add_parser("train", help="regenerate data with the target, cache features, train a drafter")
+    train.add_argument("--target", help="transformers model id or folder (default: offline SmolLM2-135M-Instruct)")
+    train.add_argument("--out", required=True, help="run folder (data, features, checkpoints, drafter)")
+    train.add_argument("--prompts", help="JSONL file or datasets id of prompts (default: Magpie prompts from the target)")
+    train.add_argument("--num-prompts", type=int, default=1000)
+    train.add_argument("--max-new-tokens", type=int, default=192)
+    train.add_argument("--temperature", type=float, default=0.0, help="response sampling temperature (0 = greedy)")
+    train.add_argument("--gen-batch-size", type=int, default=32)
+    train.add_argument("--openai-base-url", help="regenerate through an OpenAI-compatible server instead")
+    train.add_argument("--openai-model")
+    train.add_argument("--num-layers", type=int, default=2)
+    train.add_argument("--block-size", type=int, default=8)
+    train.add_argument("--num-taps", type=int, default=5)
+    train.add_argument("--mask-token-id", type=int)
+    train.add_argument("--init-from-target", action="store_true")
+    train.add_argument("--steps", type=int, default=1500)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--num-anchors", type=int, default=16)
+    train.add_argument("--lr", type=float, default=6e-4)
+    train.add_argument("--save-every", type=int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-resume", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    try:
+        from .hub import add_cli
+    except ImportError:
+        add_cli = None
+    if add_cli is not None:
+        add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
