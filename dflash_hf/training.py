@@ -208,7 +208,7 @@ def block_loss(
         hits = (logits.argmax(-1) == labels) & valid.to(device)  # [N, B-1]
         # tokens a block would get accepted: the length of its leading run of correct drafts (+1 bonus)
         accept = hits.int().cumprod(dim=1).sum(dim=1).float().mean() + 1
-    return loss, {"loss": float(loss), "acc_slot1": float(hits[:, 0].float().mean()), "accept_len": float(accept)}
+    return loss, {"loss": float(loss.detach()), "acc_slot1": float(hits[:, 0].float().mean()), "accept_len": float(accept)}
 
 
 def _lr_lambda(total: int, warmup: int):
