@@ -1,0 +1,104 @@
+"""The offline default pair, the CLI's main command, every example script and the notebook (short lengths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dflash_hf
+from dflash_hf.cli import main as cli_main
+from dflash_hf.default_pair import converted_target_dir, default_drafter_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return dflash_hf.load_default_pair()
+
+
+def test_default_pair_is_lossless_offline(pair):
+    target, tokenizer, drafter = pair
+    assert target.config.model_type == "llama" and target.config.num_hidden_layers == 30
+    assert drafter.config.num_target_layers == 30
+    for prompt in ["What is the capital of France?", "Give me two tips for sleeping better."]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        plain = target.generate(ids, max_new_tokens=24, do_sample=False)
+        fast = target.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=drafter)
+        assert torch.equal(plain, fast)
+        assert drafter.last_stats.mean_acceptance_length > 1.0  # a trained drafter gets drafts accepted
+
+
+def test_converted_target_is_cached_as_safetensors():
+    folder = converted_target_dir()
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert not list(folder.glob("*.bin"))
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert converted_target_dir() == folder  # second call reuses it
+
+
+def test_shipped_drafter_folder_is_complete():
+    folder = default_drafter_dir()
+    for name in ("config.json", "model.safetensors", "README.md", "modeling_dflash.py", "configuration_dflash.py",
+                 "generation_dflash.py", "transformers_compat.py"):
+        assert (folder / name).is_file(), name
+
+
+def test_cli_demo(capsys):
+    assert cli_main(["demo", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "mean acceptance length" in out and "identical to plain     : True" in out
+
+
+def run_example(*args: str, stdin: str | None = None, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=OFFLINE_ENV, input=stdin, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_example_quickstart():
+    assert "mean acceptance length" in run_example("examples/quickstart.py", "--offline", "--max-new-tokens", "16")
+
+
+def test_example_chat_stream():
+    assert run_example("examples/chat_stream.py", "--max-new-tokens", "12", stdin="Hello!\n").count("acceptance") == 1
+
+
+def test_example_benchmark(tmp_path):
+    run_example("examples/benchmark.py", "--num-prompts", "2", "--max-new-tokens", "16", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["lossless"] and set(results["methods"]) == {"plain", "dflash", "prompt_lookup"}
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_example_train_then_publish_dry_run(tmp_path):
+    run_example("examples/train_drafter.py", "--out", str(tmp_path / "run"), "--num-prompts", "3",
+                "--max-new-tokens", "12", "--steps", "3", "--num-layers", "1", "--gen-batch-size", "3",
+                "--num-anchors", "4", "--save-every", "2")
+    assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()
+    out = run_example("examples/publish_drafter.py", str(tmp_path / "run" / "drafter"), str(tmp_path / "export"),
+                      "--repo-id", "someone/tiny-dflash", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "would upload" in out and "model.safetensors" in out
+
+
+def test_notebook_cells_run(tmp_path, monkeypatch):
+    notebook = json.loads((ROOT / "examples" / "dflash_hf_colab.ipynb").read_text())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"SMOKE_TEST": True}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("!", "%")))
+        exec(compile(code, "notebook-cell", "exec"), namespace)
+    assert namespace["results"]["lossless"]
