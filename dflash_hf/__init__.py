@@ -8,6 +8,7 @@ Importing the package installs the (idempotent) generate patch; so does loading 
 """
 
 from .configuration_dflash import DFlashConfig, default_target_layer_ids
+from .default_pair import load_default_pair
 from .generation_dflash import DFlashCandidateGenerator, DFlashStats, install_generate_patch
 from .modeling_dflash import DFlashDraftModel
 
@@ -22,4 +23,5 @@ __all__ = [
     "DFlashStats",
     "default_target_layer_ids",
     "install_generate_patch",
+    "load_default_pair",
 ]

@@ -436,14 +436,14 @@ def run_dflash_decoding(
     device = input_ids.device
     positions = _positions_from_mask(attention_mask, input_ids.shape[1], device)
 
-    def target_forward(tokens: torch.Tensor, token_positions: torch.Tensor, keep_all: bool) -> torch.Tensor:
-        """tokens, token_positions: [1, T]; the target has already processed everything before them."""
+    def target_forward(tokens: torch.Tensor, token_positions: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """tokens, token_positions: [1, T]. The prefill keeps only the last logits; a verify step keeps all."""
         mask = attention_mask
-        if mask is not None:
-            total = input_ids.shape[1] - 1 + tokens.shape[1] if keep_all else tokens.shape[1]
-            mask = torch.cat((mask, mask.new_ones(1, total - mask.shape[1])), dim=1)
+        if mask is not None:  # the prompt's mask, extended over every token processed since
+            processed = 0 if prefill else input_ids.shape[1] - 1
+            mask = torch.cat((mask, mask.new_ones(1, processed + tokens.shape[1] - mask.shape[1])), dim=1)
         kwargs = {cache_kwarg: cache, "use_cache": True, "attention_mask": mask, "position_ids": token_positions.clamp(min=0)}
-        if not keep_all and target._supports_logits_to_keep():
+        if prefill and target._supports_logits_to_keep():
             kwargs["logits_to_keep"] = 1
         stats.num_target_forwards += 1
         return target(input_ids=tokens, **kwargs).logits
@@ -469,7 +469,7 @@ def run_dflash_decoding(
 
     with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad():
         t0 = time.perf_counter()
-        logits = target_forward(input_ids, positions, keep_all=False)[:, -1:]
+        logits = target_forward(input_ids, positions, prefill=True)[:, -1:]
         context, context_positions = taps.take(), positions  # [1, P, K*H], [1, P]
         no_drafts = input_ids[:, :0]
         scores = process_block_scores(logits, input_ids, no_drafts, logits_processor)
@@ -494,7 +494,7 @@ def run_dflash_decoding(
 
             block = torch.cat((input_ids[:, -1:], drafts), dim=1)  # [1, n+1]
             block_positions = positions[:, -1:] + torch.arange(num_drafts + 1, device=device)
-            logits = target_forward(block, block_positions, keep_all=True)  # [1, n+1, V]
+            logits = target_forward(block, block_positions, prefill=False)  # [1, n+1, V]
             scores = process_block_scores(logits, input_ids, drafts, logits_processor)
             accepted, next_token = verifier(scores, drafts, input_ids.shape[1], draft_scores)
             crop_cache(cache, num_drafts - accepted)
@@ -570,8 +570,14 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.stats.draft_time_s += time.perf_counter() - t0
         return torch.cat((input_ids, drafts), dim=1), None
 
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
-        self.stats.new_tokens = input_ids.shape[1]  # refined by the patch when generation ends
+    def finish(self, final_len: int, prompt_len: int) -> None:
+        """Record the last verify step (no get_candidates call follows it) and the token count."""
+        self.stats.new_tokens = final_len - prompt_len
+        if self.last_forward_start is None:
+            return
+        self.stats.num_target_forwards += 1
+        if self.last_forward_start > 0:
+            self.stats.acceptance_lengths.append(final_len - 1 - self.last_forward_start)
 
     def close(self) -> None:
         self.taps.close()
@@ -626,7 +632,7 @@ def install_generate_patch() -> None:
         assistant = kwargs.get("assistant_model")
         if is_dflash_drafter(assistant):
             generator = DFlashCandidateGenerator(self, assistant, generation_config)
-            assistant._dflash_open_generators = [*getattr(assistant, "_dflash_open_generators", []), generator]
+            getattr(assistant, "_dflash_open_generators", []).append(generator)  # closed by _assisted_decoding
             return generator
         return original_get_generator(self, generation_config, *args, **kwargs)
 
@@ -637,17 +643,18 @@ def install_generate_patch() -> None:
             return original_assisted(self, *args, **kwargs)
         if getattr(assistant, "generation_loop", "dflash") != "transformers":
             return assistant._dflash_decode(self, *args, **kwargs)
+        generators = assistant._dflash_open_generators = []
         try:
             result = original_assisted(self, *args, **kwargs)
+            sequences = result if isinstance(result, torch.Tensor) else result.sequences
+            prompt_len = (args[0] if args else kwargs["input_ids"]).shape[1]
+            for generator in generators:
+                generator.finish(sequences.shape[1], prompt_len)
+            return result
         finally:
-            for generator in getattr(assistant, "_dflash_open_generators", []):
+            for generator in generators:
                 generator.close()
             assistant._dflash_open_generators = []
-        sequences = result if isinstance(result, torch.Tensor) else result.sequences
-        stats = assistant.last_stats
-        prompt_len = args[0].shape[1] if args else kwargs["input_ids"].shape[1]
-        stats.new_tokens = sequences.shape[1] - prompt_len
-        return result
 
     GenerationMixin._validate_generation_mode = _validate_generation_mode
     GenerationMixin._get_candidate_generator = _get_candidate_generator

@@ -187,8 +187,10 @@ def test_stock_assisted_loop_drives_candidate_generator(family, scripted):
     scripted(plain, [None, 2])
     fast = target.generate(prompt, max_new_tokens=18, do_sample=False, assistant_model=drafter)
     assert torch.equal(plain, fast)
-    assert drafter.last_stats.acceptance_lengths[:2] == [8, 2]
-    assert drafter.last_stats.new_tokens == 18
+    stats = drafter.last_stats
+    assert stats.acceptance_lengths[:2] == [8, 2]
+    assert stats.new_tokens == 18 and sum(stats.acceptance_lengths) == 18 - 1  # all but the prefill's token
+    assert stats.num_target_forwards == len(stats.acceptance_lengths) + 1
     from dflash_hf.generation_dflash import target_decoder_layers
 
     assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
