@@ -366,7 +366,7 @@ class BlockVerifier:
 # ------------------------------------------------------------------------------------------------------------------
 # The decode loop (the default path of generate with a DFlash assistant)
 # ------------------------------------------------------------------------------------------------------------------
-def _check_request(generation_config: Any, input_ids: torch.Tensor, synced_gpus: bool) -> None:
+def _check_request(target: nn.Module, generation_config: Any, input_ids: torch.Tensor, synced_gpus: bool) -> None:
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"DFlash generation currently takes one prompt per call (got a batch of {input_ids.shape[0]}). Call "
@@ -374,6 +374,18 @@ def _check_request(generation_config: Any, input_ids: torch.Tensor, synced_gpus:
         )
     if input_ids.shape[1] == 0:
         raise ValueError("The prompt is empty: DFlash needs at least one prompt token (e.g. the BOS token).")
+    context = getattr(target_text_config(target), "max_position_embeddings", None)
+    if context is not None and input_ids.shape[1] >= context:
+        raise ValueError(
+            f"The prompt has {input_ids.shape[1]} tokens but the target's context is {context} positions "
+            "(max_position_embeddings); shorten the prompt."
+        )
+    if context is not None and generation_config.max_length > context:
+        raise ValueError(
+            f"Generating up to {generation_config.max_length} tokens (prompt + max_new_tokens) would overflow the "
+            f"target's context, max_position_embeddings={context}; lower max_new_tokens to at most "
+            f"{context - input_ids.shape[1]}."
+        )
     if generation_config.num_return_sequences > 1:
         raise ValueError(
             "num_return_sequences > 1 is not supported with a DFlash assistant; call generate several times with "
@@ -412,7 +424,7 @@ def run_dflash_decoding(
     """DFlash decoding with the arguments generate hands to ``_assisted_decoding``."""
     for key in ("inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"):
         model_kwargs.pop(key, None)
-    _check_request(generation_config, input_ids, synced_gpus)
+    _check_request(target, generation_config, input_ids, synced_gpus)
     validate_pair(target, drafter)
 
     cache = cache_from_model_kwargs(model_kwargs)

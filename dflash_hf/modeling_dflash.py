@@ -11,7 +11,7 @@ target's, bound at generate time and never saved.
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -261,6 +261,44 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         # equals the draft) or "ratio" (speculative sampling with the drafter's distribution; needs dflash_hf).
         self.sampling_mode = "strict"
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: safetensors only, and every tensor present and used.
+
+        transformers would silently initialise a missing tensor at random (a drafter whose drafts are never
+        accepted) and ignore unexpected ones; for a drafter both mean the checkpoint is not what it claims.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        if kwargs["use_safetensors"] is not True:
+            raise ValueError("DFlash drafters load from safetensors only (pickled .bin weights are refused).")
+        want_info = kwargs.pop("output_loading_info", False)
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise OSError(
+                f"{folder} has no config.json: it is not a complete drafter checkpoint (download it again, or point "
+                "at the folder that holds config.json and model.safetensors)."
+            )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except (OSError, ValueError):
+            raise
+        except Exception as error:  # a truncated or corrupt safetensors file surfaces here
+            raise ValueError(
+                f"Could not read the drafter weights in {pretrained_model_name_or_path!s}: {error}. The checkpoint "
+                "looks incomplete or corrupt; download it again."
+            ) from error
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {k: v for k, v in problems.items() if v}
+        if problems:
+            details = "; ".join(f"{k.replace('_', ' ')}: {v[:6]}{' …' if len(v) > 6 else ''}" for k, v in problems.items())
+            raise ValueError(
+                f"The checkpoint in {pretrained_model_name_or_path!s} does not match its DFlash config ({details}). "
+                "It is incomplete or belongs to another model; use a complete DFlash drafter checkpoint."
+            )
+        return (model, info) if want_info else model
 
     @property
     def block_size(self) -> int:
