@@ -119,6 +119,30 @@ def run_bench(
     }
 
 
+def sampling_acceptance(
+    target: Any, tokenizer: Any, drafter: Any, prompts: list[str], temperature: float = 1.0,
+    max_new_tokens: int = 128, seed: int = 0,
+) -> dict[str, float]:
+    """Mean acceptance length of the strict and ratio sampling rules at ``temperature`` (same prompts, seeds)."""
+    device = next(target.parameters()).device
+    encoded = [torch.tensor([chat_prompt_ids(tokenizer, p)], device=device) for p in prompts]
+    previous = drafter.sampling_mode
+    out = {}
+    try:
+        for mode in ("strict", "ratio"):
+            drafter.sampling_mode = mode
+            lengths: list[int] = []
+            for index, ids in enumerate(tqdm(encoded, desc=f"sampling ({mode})", unit="prompt")):
+                torch.manual_seed(seed + index)
+                target.generate(ids, assistant_model=drafter, do_sample=True, temperature=temperature, top_k=0,
+                                top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+                lengths.extend(drafter.last_stats.acceptance_lengths)
+            out[mode] = round(sum(lengths) / len(lengths), 3)
+    finally:
+        drafter.sampling_mode = previous
+    return out
+
+
 def format_table(results: dict) -> str:
     lines = [f"{'method':<24}{'tokens/s':>10}{'speedup':>10}{'accept len':>12}"]
     for method, row in results["methods"].items():
@@ -171,4 +195,4 @@ def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[
     return load_prompts(str(path or default_prompt_file()), limit=limit)
 
 
-__all__ = ["default_prompt_file", "format_table", "load_prompt_file", "plot_results", "run_bench", "write_outputs"]
+__all__ = ["default_prompt_file", "format_table", "sampling_acceptance", "load_prompt_file", "plot_results", "run_bench", "write_outputs"]

@@ -87,13 +87,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, load_prompt_file, run_bench, write_outputs
+    from .bench import format_table, load_prompt_file, run_bench, sampling_acceptance, write_outputs
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype)
     prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
     results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
+    if args.sampling_temperature is not None:
+        results["sampling_acceptance"] = sampling_acceptance(
+            target, tokenizer, drafter, prompts, args.sampling_temperature, args.max_new_tokens
+        )
+        results["sampling_temperature"] = args.sampling_temperature
     print(format_table(results))
+    if "sampling_acceptance" in results:
+        modes = ", ".join(f"{m} {v:.2f}" for m, v in results["sampling_acceptance"].items())
+        print(f"sampling at temperature {args.sampling_temperature}: mean acceptance length {modes}")
     json_path, png_path = write_outputs(results, args.out)
     print(f"wrote {json_path} and {png_path}")
     return 0 if results["lossless"] else 1
@@ -174,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=int)
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--sampling-temperature", type=float,
+                       help="also measure the acceptance of strict vs ratio sampling at this temperature")
     bench.set_defaults(func=cmd_bench)
 
     train = sub.add_parser("train", help="regenerate data with the target, cache features, train a drafter")

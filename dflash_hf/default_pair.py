@@ -7,7 +7,7 @@ the repository's ``hub_upload/`` folder of the same name), so it works after a r
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -87,12 +87,19 @@ def load_default_target(dtype: torch.dtype | None = None):
 
 
 def default_drafter_dir() -> Path:
-    folder = Path(str(importlib.resources.files("dflash_hf.default_drafter")))
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"The default drafter is missing from {folder}: the installation is incomplete. Reinstall dflash-hf."
-        )
-    return folder
+    """The shipped drafter: installed as ``dflash_hf.default_drafter``, or ``hub_upload/`` in a source checkout."""
+    candidates = []
+    spec = importlib.util.find_spec("dflash_hf.default_drafter")
+    if spec is not None and spec.submodule_search_locations:
+        candidates.extend(Path(p) for p in spec.submodule_search_locations)
+    candidates.append(Path(__file__).resolve().parents[1] / "hub_upload" / DEFAULT_DRAFTER_NAME)
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"The default drafter is missing (looked in {[str(c) for c in candidates]}): the installation is "
+        "incomplete. Reinstall dflash-hf."
+    )
 
 
 def load_default_pair(dtype: torch.dtype | None = None):

@@ -1,0 +1,215 @@
+"""Configuration of a DFlash block-diffusion drafter.
+
+Portable core: imports only torch, transformers and sibling modules (relative imports). This file is copied
+verbatim into every published drafter repository.
+
+The on-disk format is z-lab's: a Qwen3 config (``model_type: "qwen3"``, ``architectures: ["DFlashDraftModel"]``)
+plus top-level ``block_size`` and ``num_target_layers`` and a nested
+``dflash_config: {mask_token_id, target_layer_ids}``. vLLM and SGLang key their DFlash loaders on exactly these
+names, so keeping them is what lets our drafters serve there too. The price of ``model_type: "qwen3"`` is that
+``AutoModel.from_pretrained(repo)`` WITHOUT ``trust_remote_code=True`` silently builds a plain ``Qwen3Model``;
+the generate patch detects that case and says how to fix it (see ``generation_dflash``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def default_target_layer_ids(num_target_layers: int, num_taps: int) -> list[int]:
+    """DESIGN §4: one tap in the middle, else ``num_taps`` ids spread evenly over ``1 … L-3``."""
+    if num_taps < 1:
+        raise ValueError(f"num_taps must be >= 1, got {num_taps}.")
+    if num_taps == 1:
+        return [num_target_layers // 2]
+    if num_target_layers < 4:
+        raise ValueError(
+            f"A target with {num_target_layers} layers is too shallow for {num_taps} spread taps; pass "
+            "target_layer_ids explicitly."
+        )
+    first, last = 1, num_target_layers - 3
+    return [round(first + k * (last - first) / (num_taps - 1)) for k in range(num_taps)]
+
+
+class DFlashConfig(PretrainedConfig):
+    r"""Configuration of a [`DFlashDraftModel`].
+
+    Qwen3-style decoder layers (q/k RMSNorm, RoPE, GQA, SwiGLU) whose keys and values are extended with the
+    projected hidden states of ``target_layer_ids``; queries come from a block ``[anchor, MASK × (block_size-1)]``.
+
+    Args:
+        block_size: tokens per drafted block, the anchor included (so ``block_size - 1`` drafts per step).
+        num_target_layers: decoder layers of the target the drafter was built for.
+        dflash_config: ``{"mask_token_id": int, "target_layer_ids": list[int]}`` (z-lab's nesting). The flat
+            ``mask_token_id`` / ``target_layer_ids`` attributes mirror it.
+        target_hidden_size: hidden size of the target (defaults to ``hidden_size``); ``fc`` maps
+            ``len(target_layer_ids) * target_hidden_size`` to ``hidden_size``.
+        The remaining arguments mean what they mean in ``Qwen3Config``.
+    """
+
+    model_type = "qwen3"
+
+    def __init__(
+        self,
+        vocab_size: int = 151936,
+        hidden_size: int = 4096,
+        intermediate_size: int = 12288,
+        num_hidden_layers: int = 1,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = 8,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 40960,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float | None = None,
+        rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        use_sliding_window: bool = False,
+        sliding_window: int | None = None,
+        max_window_layers: int | None = None,
+        layer_types: list[str] | None = None,
+        block_size: int = 16,
+        num_target_layers: int | None = None,
+        target_hidden_size: int | None = None,
+        dflash_config: dict | None = None,
+        mask_token_id: int | None = None,
+        target_layer_ids: list[int] | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = _as_int("vocab_size", vocab_size, minimum=1)
+        self.hidden_size = _as_int("hidden_size", hidden_size, minimum=1)
+        self.intermediate_size = _as_int("intermediate_size", intermediate_size, minimum=1)
+        self.num_hidden_layers = _as_int("num_hidden_layers", num_hidden_layers, minimum=1)
+        self.num_attention_heads = _as_int("num_attention_heads", num_attention_heads, minimum=1)
+        kv_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.num_key_value_heads = _as_int("num_key_value_heads", kv_heads, minimum=1)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})."
+            )
+        self.head_dim = _as_int(
+            "head_dim", head_dim if head_dim is not None else self.hidden_size // self.num_attention_heads, minimum=1
+        )
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = _as_int("max_position_embeddings", max_position_embeddings, minimum=1)
+        self.initializer_range = float(initializer_range)
+        self.rms_norm_eps = float(rms_norm_eps)
+        self.rope_parameters = _rope_parameters(rope_parameters, rope_theta, rope_scaling)
+        self.attention_bias = bool(attention_bias)
+        self.attention_dropout = float(attention_dropout)
+
+        self.use_sliding_window = bool(use_sliding_window)
+        self.sliding_window = None if sliding_window is None else _as_int("sliding_window", sliding_window, minimum=1)
+        # Qwen3Config (which vLLM/SGLang parse this file with) requires an int here.
+        self.max_window_layers = self.num_hidden_layers if max_window_layers is None else max_window_layers
+        self.layer_types = _layer_types(layer_types, self.num_hidden_layers, self)
+
+        self.block_size = _as_int("block_size", block_size, minimum=2)
+        nested = dict(dflash_config or {})
+        if not isinstance(dflash_config, (dict, type(None))):
+            raise ValueError(f"dflash_config must be a mapping, got {type(dflash_config).__name__}.")
+        mask = nested.get("mask_token_id", mask_token_id)
+        taps = nested.get("target_layer_ids", target_layer_ids)
+        self.num_target_layers = None if num_target_layers is None else _as_int(
+            "num_target_layers", num_target_layers, minimum=1
+        )
+        if taps is None:
+            if self.num_target_layers is None:
+                raise ValueError(
+                    "The drafter config names neither dflash_config.target_layer_ids nor num_target_layers, so the "
+                    "target layers to tap are unknown. Add one of them to config.json."
+                )
+            taps = default_target_layer_ids(self.num_target_layers, 1)
+        if not isinstance(taps, (list, tuple)) or not taps:
+            raise ValueError(f"target_layer_ids must be a non-empty list of layer indices, got {taps!r}.")
+        self.target_layer_ids = [_as_int("target_layer_ids[]", t, minimum=0) for t in taps]
+        if self.num_target_layers is not None and max(self.target_layer_ids) >= self.num_target_layers:
+            raise ValueError(
+                f"target_layer_ids {self.target_layer_ids} reach beyond num_target_layers={self.num_target_layers}."
+            )
+        self.mask_token_id = None if mask is None else _as_int("mask_token_id", mask, minimum=0)
+        if self.mask_token_id is not None and self.mask_token_id >= self.vocab_size:
+            raise ValueError(
+                f"mask_token_id {self.mask_token_id} is outside the vocabulary (vocab_size={self.vocab_size})."
+            )
+        self.dflash_config = {"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)}
+        self.target_hidden_size = _as_int(
+            "target_hidden_size", target_hidden_size if target_hidden_size is not None else self.hidden_size, minimum=1
+        )
+        kwargs.setdefault("architectures", ["DFlashDraftModel"])
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def num_taps(self) -> int:
+        return len(self.target_layer_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # The flat mirrors are derived from dflash_config; storing both would let them disagree on disk.
+        out.pop("mask_token_id", None)
+        out.pop("target_layer_ids", None)
+        return out
+
+
+def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def _rope_parameters(rope_parameters: Any, rope_theta: Any, rope_scaling: Any) -> dict:
+    """Merge the 4.x (``rope_theta`` + ``rope_scaling``) and 5.x (``rope_parameters``) spellings."""
+    params: dict = {}
+    if rope_scaling is not None:
+        if not isinstance(rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a mapping or null, got {rope_scaling!r}.")
+        params.update(rope_scaling)
+    if rope_parameters is not None:
+        if not isinstance(rope_parameters, dict):
+            raise ValueError(f"rope_parameters must be a mapping or null, got {rope_parameters!r}.")
+        params.update(rope_parameters)
+    if rope_theta is not None:
+        params.setdefault("rope_theta", rope_theta)
+    params.setdefault("rope_theta", 1_000_000.0)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    try:
+        params["rope_theta"] = float(params["rope_theta"])
+    except (TypeError, ValueError):
+        raise ValueError(f"rope_theta must be a number, got {params['rope_theta']!r}.") from None
+    return params
+
+
+def _layer_types(layer_types: Any, num_layers: int, config: DFlashConfig) -> list[str]:
+    if layer_types is None:
+        window_from = config.max_window_layers
+        sliding = config.use_sliding_window and config.sliding_window is not None
+        return ["sliding_attention" if sliding and i >= window_from else "full_attention" for i in range(num_layers)]
+    if not isinstance(layer_types, (list, tuple)) or len(layer_types) != num_layers:
+        raise ValueError(
+            f"layer_types must list one entry per drafter layer ({num_layers}), got {layer_types!r}."
+        )
+    bad = [t for t in layer_types if t not in _LAYER_TYPES]
+    if bad:
+        raise ValueError(f"Unknown layer_types {bad}; each entry must be one of {_LAYER_TYPES}.")
+    if "sliding_attention" in layer_types and config.sliding_window is None:
+        raise ValueError("layer_types asks for sliding_attention layers but sliding_window is not set.")
+    return list(layer_types)
+
+
+__all__ = ["DFlashConfig", "default_target_layer_ids"]

@@ -1,0 +1,688 @@
+"""DFlash decoding inside ``target.generate(..., assistant_model=drafter)``.
+
+Portable core: imports only torch, transformers and sibling modules; copied into every published drafter.
+
+One verify step, with ``start`` = tokens the target has processed (its cache length):
+1. the token at ``start`` (committed last step, not yet processed) opens the block ``[token, MASK × (B-1)]``;
+2. ONE drafter forward drafts the B-1 masked slots, attending to the context features of every committed position
+   (a persistent draft cache holds them; the block's own entries are never kept);
+3. ONE target forward over ``[token, drafts]`` verifies them while forward hooks capture the tapped layers; the
+   accepted drafts plus one target token are committed and the target cache is cropped to the committed length.
+   The taps of the committed positions are the next step's new context: no extra target pass.
+
+``install_generate_patch`` makes plain ``generate`` dispatch here when the assistant carries the duck-typed
+``is_dflash_drafter`` marker; every other assistant and plain generate run transformers' code untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.utils import GenerationMixin
+
+from .transformers_compat import (
+    activate_past_recording,
+    cache_from_model_kwargs,
+    crop_cache,
+    forward_cache_kwarg,
+    layer_output_hidden,
+    make_generate_output,
+)
+
+# Attention-only families whose KV cache crops exactly. Hybrid (linear-attention) families need state rollback.
+SUPPORTED_TARGET_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+MAX_BLOCK_SIZE = 128
+
+
+@dataclass
+class DFlashStats:
+    """Statistics of one generate call (``drafter.last_stats``).
+
+    ``acceptance_lengths`` has one entry per verify step: drafts accepted + 1 (the target's own token).
+    ``draft_time_s`` / ``verify_time_s`` are host wall times; on CUDA the draft time excludes GPU work still
+    queued when verification starts (the acceptance decision synchronises once per step).
+    """
+
+    acceptance_lengths: list[int] = field(default_factory=list)
+    num_target_forwards: int = 0
+    new_tokens: int = 0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    verify_backend: str = "torch"
+    sampling: str = "greedy"
+    block_size: int = 0
+    draft_cache_bytes: int = 0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return sum(self.acceptance_lengths) / len(self.acceptance_lengths) if self.acceptance_lengths else 0.0
+
+    @property
+    def num_verify_steps(self) -> int:
+        return len(self.acceptance_lengths)
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["mean_acceptance_length"] = self.mean_acceptance_length
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Target introspection and pair validation
+# ------------------------------------------------------------------------------------------------------------------
+def target_text_config(target: nn.Module) -> Any:
+    config = target.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def target_decoder_layers(target: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (also inside ``…ForConditionalGeneration`` wrappers)."""
+    candidates = [target]
+    for attr in ("model", "language_model", "transformer"):
+        for module in list(candidates):
+            child = getattr(module, attr, None)
+            if isinstance(child, nn.Module):
+                candidates.append(child)
+    for module in reversed(candidates):
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"Could not find the decoder layers of {type(target).__name__} (looked for `.model.layers`, "
+        "`.model.language_model.layers`). DFlash needs them to tap hidden states."
+    )
+
+
+def validate_pair(target: nn.Module, drafter: nn.Module) -> None:
+    """Raise a ValueError that says what to fix when ``drafter`` cannot serve ``target``."""
+    cfg = drafter.config
+    tcfg = target_text_config(target)
+    model_type = getattr(tcfg, "model_type", None)
+    if model_type not in SUPPORTED_TARGET_TYPES:
+        raise ValueError(
+            f"DFlash does not support target model_type {model_type!r} yet (supported: "
+            f"{', '.join(SUPPORTED_TARGET_TYPES)}). Use plain `generate` for this model."
+        )
+    if not 2 <= cfg.block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"Drafter block_size={cfg.block_size} is outside 2…{MAX_BLOCK_SIZE}; DFlash drafters are trained with "
+            "blocks of 8–16 tokens. Fix `block_size` in the drafter's config.json."
+        )
+    num_layers = tcfg.num_hidden_layers
+    bad_taps = [i for i in cfg.target_layer_ids if not 0 <= i < num_layers]
+    if bad_taps:
+        raise ValueError(
+            f"Drafter taps target layers {cfg.target_layer_ids}, but the target has only {num_layers} decoder layers "
+            f"(ids {bad_taps} do not exist). This drafter was built for a different target; load the drafter "
+            "trained for this model or build one with DFlashDraftModel.from_target(target)."
+        )
+    fc_in = drafter.fc.in_features
+    expected = len(cfg.target_layer_ids) * tcfg.hidden_size
+    if fc_in != expected:
+        raise ValueError(
+            f"Drafter fc expects {fc_in} input features but {len(cfg.target_layer_ids)} taps × target hidden size "
+            f"{tcfg.hidden_size} = {expected}. The drafter was trained for a target with hidden size "
+            f"{fc_in // max(1, len(cfg.target_layer_ids))}; use a drafter made for this target."
+        )
+    embed = target.get_input_embeddings()
+    vocab_rows = embed.weight.shape[0] if hasattr(embed, "weight") else tcfg.vocab_size
+    embed_dim = embed.weight.shape[1] if hasattr(embed, "weight") else tcfg.hidden_size
+    if cfg.mask_token_id is None:
+        raise ValueError(
+            "The drafter config has no mask_token_id (dflash_config.mask_token_id); set it to the row of the "
+            "target's embedding the drafter was trained with."
+        )
+    if not 0 <= cfg.mask_token_id < vocab_rows:
+        raise ValueError(
+            f"Drafter mask_token_id={cfg.mask_token_id} is not a row of the target's embedding table "
+            f"({vocab_rows} rows). The drafter was trained for another vocabulary; use a matching drafter."
+        )
+    if cfg.hidden_size != embed_dim:
+        raise ValueError(
+            f"Drafter hidden_size={cfg.hidden_size} differs from the target embedding width {embed_dim}: the drafter "
+            "reads the target's embeddings and feeds the target's LM head, so they must match."
+        )
+
+
+def is_dflash_drafter(model: Any) -> bool:
+    return bool(getattr(model, "is_dflash_drafter", False)) and callable(getattr(model, "_dflash_decode", None))
+
+
+def _looks_like_untrusted_dflash_checkpoint(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and isinstance(getattr(config, "dflash_config", None), dict) and not is_dflash_drafter(model)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Taps: forward hooks on exactly the tapped decoder layers
+# ------------------------------------------------------------------------------------------------------------------
+class TapRecorder:
+    """Captures the outputs of ``layer_ids`` decoder layers on every target forward while active.
+
+    ``take()`` returns them concatenated on the feature axis: [B, T, K * hidden], in ``layer_ids`` order, on
+    ``device``. Hooks are removed on exit, also when generation raises.
+    """
+
+    def __init__(self, target: nn.Module, layer_ids: list[int], device: torch.device) -> None:
+        self.layers = target_decoder_layers(target)
+        self.layer_ids = list(layer_ids)
+        self.device = device
+        self._captured: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "TapRecorder":
+        for idx in self.layer_ids:
+            self._handles.append(self.layers[idx].register_forward_hook(functools.partial(self._record, idx)))
+        return self
+
+    def _record(self, idx: int, module: nn.Module, args: Any, output: Any) -> None:
+        self._captured[idx] = layer_output_hidden(output).detach()
+
+    def take(self) -> torch.Tensor:
+        missing = [i for i in self.layer_ids if i not in self._captured]
+        if missing:
+            raise RuntimeError(f"Target layers {missing} did not run during the last forward; cannot tap them.")
+        taps = torch.cat([self._captured.pop(i).to(self.device) for i in self.layer_ids], dim=-1)
+        return taps
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._captured.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Drafting
+# ------------------------------------------------------------------------------------------------------------------
+class DraftSession:
+    """The drafter's side of one generation: the draft cache and the target's shared embedding and LM head."""
+
+    def __init__(self, target: nn.Module, drafter: nn.Module) -> None:
+        from .modeling_dflash import DraftCache  # local: modeling imports this module
+
+        self.drafter = drafter
+        self.embed = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        self.block_size = drafter.config.block_size
+        self.mask_token_id = drafter.config.mask_token_id
+        self.device = drafter.fc.weight.device
+        self.cache = DraftCache()
+
+    @torch.no_grad()
+    def propose(
+        self,
+        anchor: torch.Tensor,
+        anchor_position: torch.Tensor,
+        context_taps: torch.Tensor,
+        context_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Draft logits for the B-1 slots after ``anchor``.
+
+        anchor: [R] token ids opening the block; anchor_position: [R] their positions.
+        context_taps: [R, C, K*H] taps of committed positions not yet in the draft cache; context_positions: [R, C].
+        Returns [R, B-1, V] logits from the target's LM head.
+        """
+        rows = anchor.shape[0]
+        block = torch.full((rows, self.block_size), self.mask_token_id, dtype=torch.long, device=anchor.device)
+        block[:, 0] = anchor
+        offsets = torch.arange(self.block_size, device=anchor_position.device)
+        block_positions = anchor_position[:, None] + offsets  # [R, B]
+        embeds = self.embed(block.to(self.embed.weight.device))
+        hidden = self.drafter(
+            embeds.to(self.device),
+            context_taps.to(self.device),
+            block_positions.to(self.device),
+            context_positions.to(self.device),
+            cache=self.cache,
+        )
+        head_weight = self.lm_head.weight
+        return self.lm_head(hidden[:, 1:].to(device=head_weight.device, dtype=head_weight.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Verification
+# ------------------------------------------------------------------------------------------------------------------
+def _kernel_module() -> Any:
+    """dflash_hf's fused kernels when the package is installed (never required by published drafters)."""
+    try:
+        return importlib.import_module("dflash_hf.kernels")
+    except ImportError:
+        return None
+
+
+def process_block_scores(
+    logits: torch.Tensor, sequence: torch.Tensor, drafts: torch.Tensor, logits_processor: Any
+) -> torch.Tensor:
+    """Apply generate's logits processors to every block slot exactly as plain generate would.
+
+    logits: [1, n+1, V] target logits for slots 0…n; slot t is scored with ``sequence + drafts[:t]`` as input.
+    Returns fp32 scores [1, n+1, V].
+    """
+    scores = logits.float()
+    if not logits_processor:
+        return scores
+    candidate = torch.cat((sequence, drafts), dim=1)
+    base = sequence.shape[1]
+    processed = [logits_processor(candidate[:, : base + t], scores[:, t]) for t in range(scores.shape[1])]
+    return torch.stack(processed, dim=1)
+
+
+def process_draft_scores(
+    draft_logits: torch.Tensor, sequence: torch.Tensor, logits_processor: Any, verifier: "BlockVerifier"
+) -> torch.Tensor:
+    """Ratio mode: the drafter's q gets the same processors as the target (temperature, top-k, …).
+
+    draft_logits: [1, n, V]. Slot t's processors see ``sequence + drafts[:t]``, so with processors the drafts
+    are sampled one slot at a time; returns fp32 scores [1, n, V] (the q the drafts were sampled from).
+    """
+    scores = draft_logits.float()
+    if not logits_processor or scores.shape[1] == 0:
+        return scores
+    prefix, processed = sequence, []
+    for t in range(scores.shape[1]):
+        slot = logits_processor(prefix, scores[:, t])
+        processed.append(slot)
+        token = verifier.sample_drafts(slot[:, None], sequence.shape[1] + t)
+        prefix = torch.cat((prefix, token), dim=1)
+    return torch.stack(processed, dim=1)
+
+
+def _verify_portable(scores: torch.Tensor, drafts: torch.Tensor, do_sample: bool) -> tuple[int, torch.Tensor]:
+    """Greedy or strict-sampling verification with plain torch ops (the path of published drafters when
+    ``dflash_hf`` is not installed). scores: [1, n+1, V]; drafts: [1, n].
+
+    Strict sampling draws every slot from the target (with the same global RNG as plain ``generate``) and
+    accepts while the draw equals the draft, so each committed token is an exact sample of the target.
+    """
+    if do_sample:
+        picks = torch.multinomial(torch.softmax(scores[0], dim=-1), num_samples=1).squeeze(-1)
+    else:
+        picks = scores[0].argmax(dim=-1)
+    n = drafts.shape[1]
+    accepted = int((picks[:n] == drafts[0]).int().cumprod(0).sum()) if n else 0
+    return accepted, picks[accepted : accepted + 1]
+
+
+class BlockVerifier:
+    """Decides, per verify step, how many drafts the target accepts and which token it commits next.
+
+    Modes: ``greedy``; ``strict`` (sample the target at each slot, accept while equal to the draft); ``ratio``
+    (drafts sampled from the drafter's q, accepted with probability min(1, p/q), residual resampling).
+    With ``dflash_hf`` installed the fused kernels run (Triton on CUDA, their torch reference elsewhere) with
+    randomness keyed by (seed, position, token) — the seed is drawn once from torch's global RNG, so
+    ``torch.manual_seed`` makes runs reproducible. Without it, greedy and strict run on plain torch ops.
+    """
+
+    def __init__(self, do_sample: bool, sampling_mode: str, device: torch.device) -> None:
+        if sampling_mode not in ("strict", "ratio"):
+            raise ValueError(f"drafter.sampling_mode must be 'strict' or 'ratio', got {sampling_mode!r}.")
+        self.kernels = _kernel_module()
+        self.mode = "greedy" if not do_sample else sampling_mode
+        if self.mode == "ratio" and self.kernels is None:
+            raise ValueError("sampling_mode='ratio' needs the dflash_hf package (pip install dflash-hf).")
+        self.backend = "torch" if self.kernels is None else self.kernels.select_backend(device)
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,))) if do_sample and self.kernels is not None else None
+
+    @property
+    def samples_drafts(self) -> bool:
+        return self.mode == "ratio"
+
+    def sample_drafts(self, draft_scores: torch.Tensor, first_position: int) -> torch.Tensor:
+        """Ratio mode: drafts [1, n] sampled from the drafter's processed scores [1, n, V]."""
+        positions = torch.tensor([first_position], device=draft_scores.device)
+        return self.kernels.sample_keyed(draft_scores, self.seed, positions, backend=self.backend)
+
+    def __call__(
+        self, scores: torch.Tensor, drafts: torch.Tensor, first_position: int, draft_scores: torch.Tensor | None = None
+    ) -> tuple[int, torch.Tensor]:
+        """scores: [1, n+1, V] processed target scores; drafts: [1, n]; ``first_position``: sequence index of
+        the token slot 0 decides. Returns (accepted drafts, next token [1])."""
+        if self.kernels is None:
+            return _verify_portable(scores, drafts, self.mode != "greedy")
+        num_drafts = torch.tensor([drafts.shape[1]], device=scores.device)
+        positions = torch.tensor([first_position], device=scores.device)
+        if self.mode == "ratio" and draft_scores is None:  # the prefill: no drafts, q is never read
+            draft_scores = scores[:, :0]
+        accepted, next_token, _ = self.kernels.verify(
+            self.mode, scores, drafts, num_drafts, draft_logits=draft_scores, seed=self.seed,
+            positions=positions, backend=self.backend,
+        )
+        return int(accepted[0]), next_token.view(1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The decode loop (the default path of generate with a DFlash assistant)
+# ------------------------------------------------------------------------------------------------------------------
+def _check_request(target: nn.Module, generation_config: Any, input_ids: torch.Tensor, synced_gpus: bool) -> None:
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"DFlash generation currently takes one prompt per call (got a batch of {input_ids.shape[0]}). Call "
+            "generate once per prompt, or drop `assistant_model` for batched plain generation."
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("The prompt is empty: DFlash needs at least one prompt token (e.g. the BOS token).")
+    context = getattr(target_text_config(target), "max_position_embeddings", None)
+    if context is not None and input_ids.shape[1] >= context:
+        raise ValueError(
+            f"The prompt has {input_ids.shape[1]} tokens but the target's context is {context} positions "
+            "(max_position_embeddings); shorten the prompt."
+        )
+    if context is not None and generation_config.max_length > context:
+        raise ValueError(
+            f"Generating up to {generation_config.max_length} tokens (prompt + max_new_tokens) would overflow the "
+            f"target's context, max_position_embeddings={context}; lower max_new_tokens to at most "
+            f"{context - input_ids.shape[1]}."
+        )
+    if generation_config.num_return_sequences > 1:
+        raise ValueError(
+            "num_return_sequences > 1 is not supported with a DFlash assistant; call generate several times with "
+            "do_sample=True instead."
+        )
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_attentions or generation_config.output_hidden_states
+    ):
+        raise ValueError(
+            "output_attentions / output_hidden_states are not supported with a DFlash assistant (the target "
+            "processes blocks, not single tokens). Request output_scores or output_logits, or drop the assistant."
+        )
+    if synced_gpus:
+        raise ValueError("synced_gpus (FSDP/ZeRO-3 generation) is not supported with a DFlash assistant.")
+
+
+def _positions_from_mask(attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """Rope positions [1, length] the way generate derives them (padding gets -1 here)."""
+    if attention_mask is None:
+        return torch.arange(length, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, -1)
+
+
+def run_dflash_decoding(
+    target: nn.Module,
+    drafter: nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    **model_kwargs: Any,
+) -> Any:
+    """DFlash decoding with the arguments generate hands to ``_assisted_decoding``."""
+    for key in ("inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"):
+        model_kwargs.pop(key, None)
+    _check_request(target, generation_config, input_ids, synced_gpus)
+    validate_pair(target, drafter)
+
+    cache = cache_from_model_kwargs(model_kwargs)
+    if cache is None:
+        raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
+    activate_past_recording(cache)
+    cache_kwarg = forward_cache_kwarg(target)
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    do_sample = bool(generation_config.do_sample)
+    verifier = BlockVerifier(do_sample, getattr(drafter, "sampling_mode", "strict"), input_ids.device)
+    want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+    want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+    scores_out: list[torch.Tensor] = []
+    logits_out: list[torch.Tensor] = []
+
+    stats = DFlashStats(sampling=verifier.mode, block_size=drafter.config.block_size, verify_backend=verifier.backend)
+    drafter.last_stats = stats
+    session = DraftSession(target, drafter)
+    device = input_ids.device
+    positions = _positions_from_mask(attention_mask, input_ids.shape[1], device)
+
+    def target_forward(tokens: torch.Tensor, token_positions: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """tokens, token_positions: [1, T]. The prefill keeps only the last logits; a verify step keeps all."""
+        mask = attention_mask
+        if mask is not None:  # the prompt's mask, extended over every token processed since
+            processed = 0 if prefill else input_ids.shape[1] - 1
+            mask = torch.cat((mask, mask.new_ones(1, processed + tokens.shape[1] - mask.shape[1])), dim=1)
+        kwargs = {cache_kwarg: cache, "use_cache": True, "attention_mask": mask, "position_ids": token_positions.clamp(min=0)}
+        if prefill and target._supports_logits_to_keep():
+            kwargs["logits_to_keep"] = 1
+        stats.num_target_forwards += 1
+        return target(input_ids=tokens, **kwargs).logits
+
+    def commit(tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
+        """Append tokens one at a time exactly as plain generate would; True once a stopping criterion fires."""
+        nonlocal input_ids, positions
+        for i in range(tokens.shape[0]):
+            input_ids = torch.cat((input_ids, tokens[i].view(1, 1)), dim=1)
+            positions = torch.cat((positions, positions[:, -1:] + 1), dim=1)
+            stats.new_tokens += 1
+            if want_scores:
+                scores_out.append(step_scores[:, i])
+            if want_logits:
+                logits_out.append(step_logits[:, i])
+            if bool(stopping_criteria(input_ids, step_scores[:, i]).any()):
+                if streamer is not None:
+                    streamer.put(tokens[: i + 1].cpu())
+                return True
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        return False
+
+    with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad():
+        t0 = time.perf_counter()
+        logits = target_forward(input_ids, positions, prefill=True)[:, -1:]
+        context, context_positions = taps.take(), positions  # [1, P, K*H], [1, P]
+        no_drafts = input_ids[:, :0]
+        scores = process_block_scores(logits, input_ids, no_drafts, logits_processor)
+        _, first_token = verifier(scores, no_drafts, input_ids.shape[1])
+        stats.prefill_time_s = time.perf_counter() - t0
+        done = commit(first_token, scores, logits)
+
+        while not done:
+            t0 = time.perf_counter()
+            # Never draft past max_length: the last step may verify fewer than B-1 drafts.
+            num_drafts = max(0, min(session.block_size - 1, generation_config.max_length - input_ids.shape[1] - 1))
+            draft_logits = session.propose(input_ids[:, -1], positions[:, -1], context, context_positions)
+            draft_scores = None
+            if verifier.samples_drafts:
+                draft_scores = process_draft_scores(draft_logits[:, :num_drafts].to(device), input_ids,
+                                                    logits_processor, verifier)
+                drafts = verifier.sample_drafts(draft_scores, input_ids.shape[1])
+            else:
+                drafts = draft_logits[:, :num_drafts].argmax(dim=-1).to(device)  # [1, n]
+            t1 = time.perf_counter()
+            stats.draft_time_s += t1 - t0
+
+            block = torch.cat((input_ids[:, -1:], drafts), dim=1)  # [1, n+1]
+            block_positions = positions[:, -1:] + torch.arange(num_drafts + 1, device=device)
+            logits = target_forward(block, block_positions, prefill=False)  # [1, n+1, V]
+            scores = process_block_scores(logits, input_ids, drafts, logits_processor)
+            accepted, next_token = verifier(scores, drafts, input_ids.shape[1], draft_scores)
+            crop_cache(cache, num_drafts - accepted)
+            # The block's accepted prefix (pending token + accepted drafts) is committed context for the drafter.
+            context = taps.take()[:, : accepted + 1]
+            context_positions = block_positions[:, : accepted + 1]
+            stats.acceptance_lengths.append(accepted + 1)
+            committed = torch.cat((drafts[0, :accepted], next_token))
+            done = commit(committed, scores[:, : accepted + 1], logits[:, : accepted + 1])
+            stats.verify_time_s += time.perf_counter() - t1
+        stats.draft_cache_bytes = session.cache.nbytes()
+
+    if streamer is not None:
+        streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    return make_generate_output(
+        input_ids,
+        cache,
+        scores=tuple(scores_out) if want_scores else None,
+        logits=tuple(logits_out) if want_logits else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The drafting unit for transformers' stock assisted loop
+# ------------------------------------------------------------------------------------------------------------------
+class DFlashCandidateGenerator(CandidateGenerator):
+    """DFlash drafting as a transformers ``CandidateGenerator``.
+
+    Works inside the stock ``_assisted_decoding`` loop of every supported release: it taps the target with its
+    own forward hooks (no ``model_outputs`` protocol needed) and infers how many drafts the target accepted from
+    how much ``input_ids`` grew. Greedy drafts with no candidate logits make the stock loop verify greedily, or
+    with strict sampling when ``do_sample`` is set. Call ``close()`` (the generate patch does) to remove hooks.
+    """
+
+    requires_model_outputs = False
+
+    def __init__(self, target: nn.Module, drafter: nn.Module, generation_config: Any = None) -> None:
+        validate_pair(target, drafter)
+        self.target = target
+        self.drafter = drafter
+        self.session = DraftSession(target, drafter)
+        self.taps = TapRecorder(target, drafter.config.target_layer_ids, self.session.device).__enter__()
+        self.max_length = getattr(generation_config, "max_length", None)
+        self.context_len = 0  # positions already in the draft cache
+        self.last_forward_start: int | None = None  # position of the first token of the last target forward
+        self.stats = DFlashStats(sampling="strict" if getattr(generation_config, "do_sample", False) else "greedy")
+        self.stats.block_size = drafter.config.block_size
+        drafter.last_stats = self.stats
+
+    @torch.no_grad()
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any) -> tuple[torch.LongTensor, None]:
+        cur_len = input_ids.shape[1]
+        if self.last_forward_start is None:  # the target has not run yet: let its prefill produce the context
+            self.last_forward_start = 0
+            return input_ids, None
+        t0 = time.perf_counter()
+        captured = self.taps.take()  # [1, T, K*H] for positions last_forward_start …
+        if self.last_forward_start > 0:
+            self.stats.acceptance_lengths.append(cur_len - 1 - self.last_forward_start)
+        self.stats.num_target_forwards += 1
+        context = captured[:, self.context_len - self.last_forward_start : cur_len - 1 - self.last_forward_start]
+        context_positions = torch.arange(self.context_len, cur_len - 1, device=input_ids.device)[None]
+        self.context_len = cur_len - 1
+        anchor_position = torch.tensor([cur_len - 1], device=input_ids.device)
+        draft_logits = self.session.propose(input_ids[:, -1], anchor_position, context, context_positions)
+        budget = self.drafter.config.block_size - 1
+        if self.max_length is not None:
+            budget = min(budget, self.max_length - cur_len - 1)
+        drafts = draft_logits[:, : max(budget, 0)].argmax(dim=-1).to(input_ids.device)
+        self.last_forward_start = cur_len - 1
+        self.stats.draft_time_s += time.perf_counter() - t0
+        return torch.cat((input_ids, drafts), dim=1), None
+
+    def finish(self, final_len: int, prompt_len: int) -> None:
+        """Record the last verify step (no get_candidates call follows it) and the token count."""
+        self.stats.new_tokens = final_len - prompt_len
+        if self.last_forward_start is None:
+            return
+        self.stats.num_target_forwards += 1
+        if self.last_forward_start > 0:
+            self.stats.acceptance_lengths.append(final_len - 1 - self.last_forward_start)
+
+    def close(self) -> None:
+        self.taps.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Zero-flag dispatch
+# ------------------------------------------------------------------------------------------------------------------
+def _assistant_from(args: tuple, kwargs: dict) -> Any:
+    gen_kwargs = kwargs.get("generation_mode_kwargs")
+    if gen_kwargs is None and len(args) >= 3:
+        gen_kwargs = args[2]
+    return (gen_kwargs or {}).get("assistant_model")
+
+
+def install_generate_patch() -> None:
+    """Make ``generate(assistant_model=<DFlash drafter>)`` use DFlash. Idempotent across module copies.
+
+    Three private ``GenerationMixin`` methods are wrapped; each wrapper only acts when the assistant carries the
+    ``is_dflash_drafter`` marker and otherwise calls the original. The wrappers delegate to methods of the
+    drafter itself, so whichever copy of this module (package or remote code) installed them first, each
+    drafter runs its own code.
+    """
+    if getattr(GenerationMixin, "_dflash_patch_installed", False):
+        return
+    original_validate = GenerationMixin._validate_generation_mode
+    original_get_generator = GenerationMixin._get_candidate_generator
+    original_assisted = GenerationMixin._assisted_decoding
+
+    @functools.wraps(original_validate)
+    def _validate_generation_mode(self, *args, **kwargs):
+        assistant = _assistant_from(args, kwargs)
+        if _looks_like_untrusted_dflash_checkpoint(assistant):
+            raise ValueError(
+                f"The assistant is a plain {type(assistant).__name__} built from a DFlash checkpoint: it was loaded "
+                "without its remote code. Load it with AutoModel.from_pretrained(repo, trust_remote_code=True) "
+                "or dflash_hf.DFlashDraftModel.from_pretrained(repo)."
+            )
+        if is_dflash_drafter(assistant):
+            mode = args[0] if args else kwargs.get("generation_mode")
+            if getattr(mode, "value", mode) != "assisted_generation":
+                raise ValueError(
+                    f"Generation mode {getattr(mode, 'value', mode)!r} (e.g. beam search, num_beams > 1) cannot use "
+                    "a DFlash assistant, which verifies one greedy or sampled continuation. Set num_beams=1, or "
+                    "drop assistant_model."
+                )
+            assistant._dflash_validate(self)
+        return original_validate(self, *args, **kwargs)
+
+    @functools.wraps(original_get_generator)
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        assistant = kwargs.get("assistant_model")
+        if is_dflash_drafter(assistant):
+            generator = DFlashCandidateGenerator(self, assistant, generation_config)
+            getattr(assistant, "_dflash_open_generators", []).append(generator)  # closed by _assisted_decoding
+            return generator
+        return original_get_generator(self, generation_config, *args, **kwargs)
+
+    @functools.wraps(original_assisted)
+    def _assisted_decoding(self, *args, **kwargs):
+        assistant = kwargs.get("assistant_model")
+        if not is_dflash_drafter(assistant):
+            return original_assisted(self, *args, **kwargs)
+        if getattr(assistant, "generation_loop", "dflash") != "transformers":
+            return assistant._dflash_decode(self, *args, **kwargs)
+        generators = assistant._dflash_open_generators = []
+        try:
+            result = original_assisted(self, *args, **kwargs)
+            sequences = result if isinstance(result, torch.Tensor) else result.sequences
+            prompt_len = (args[0] if args else kwargs["input_ids"]).shape[1]
+            for generator in generators:
+                generator.finish(sequences.shape[1], prompt_len)
+            return result
+        finally:
+            for generator in generators:
+                generator.close()
+            assistant._dflash_open_generators = []
+
+    GenerationMixin._validate_generation_mode = _validate_generation_mode
+    GenerationMixin._get_candidate_generator = _get_candidate_generator
+    GenerationMixin._assisted_decoding = _assisted_decoding
+    GenerationMixin._dflash_patch_installed = True
+
+
+__all__ = [
+    "DFlashCandidateGenerator",
+    "DFlashStats",
+    "DraftSession",
+    "TapRecorder",
+    "install_generate_patch",
+    "is_dflash_drafter",
+    "run_dflash_decoding",
+    "target_decoder_layers",
+    "target_text_config",
+    "validate_pair",
+]

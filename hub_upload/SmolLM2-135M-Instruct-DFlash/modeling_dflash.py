@@ -1,0 +1,448 @@
+"""The DFlash block-diffusion drafter.
+
+Portable core: imports only torch, transformers and sibling modules. Copied into every published drafter.
+
+One forward drafts a whole block. Queries come from the block ``[anchor, MASK × (B-1)]`` embedded with the
+TARGET's embedding table; keys and values are the block's own plus the "context": ``hidden_norm(fc(taps))`` of
+every committed position, where ``taps`` concatenates the outputs of ``target_layer_ids`` decoder layers of the
+target. Attention is non-causal inside the block. The drafter owns no embedding and no LM head; both are the
+target's, bound at generate time and never saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+
+from .configuration_dflash import DFlashConfig, default_target_layer_ids
+from .generation_dflash import DFlashStats, install_generate_patch, run_dflash_decoding, validate_pair
+
+
+class DFlashRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class DFlashRotaryEmbedding(nn.Module):
+    """Standard RoPE (``rope_type: default`` and ``linear``); other scalings fail at build time, not silently."""
+
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        params = config.rope_parameters
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in ("default", "linear"):
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported by the DFlash drafter (supported: default, linear)."
+            )
+        dim = config.head_dim
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if rope_type == "linear":
+            inv_freq = inv_freq / float(params["factor"])
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [B, S] -> cos, sin: [B, S, head_dim]
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, heads, S, D]; cos/sin: [B, S, D]
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+@dataclass
+class DraftCache:
+    """Context keys/values of every drafter layer: committed positions only, never the block.
+
+    ``keys[i]`` / ``values[i]``: [B, kv_heads, C_i, head_dim]; ``positions[i]``: [B, C_i] absolute positions of
+    those entries (``-1`` marks padding, which no query attends to). Sliding-window layers keep only what a
+    future query can still see, so the cache is bounded by the window there.
+    """
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    positions: list = field(default_factory=list)
+
+    def length(self, layer: int = 0) -> int:
+        return 0 if layer >= len(self.keys) else self.keys[layer].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.positions))
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, config: DFlashConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+    def _project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, S, H] -> k, v: [B, kv_heads, S, head_dim]
+        bsz, seq, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(k, cos, sin), v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        rope_block: tuple[torch.Tensor, torch.Tensor],
+        rope_context: tuple[torch.Tensor, torch.Tensor],
+        block_positions: torch.Tensor,
+        context_positions: torch.Tensor,
+        cache: DraftCache | None,
+        attention_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: [B, Q, H] (normed block); context: [B, C, H] new context features (C may be 0).
+
+        With ``attention_bias`` given (training), it is an additive [B or 1, 1, Q, C+Q] mask over
+        ``cat(context, block)`` keys and the cache is not used.
+        """
+        bsz, q_len, _ = hidden_states.shape
+        q = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = apply_rotary(q, *rope_block)
+        k_blk, v_blk = self._project_kv(hidden_states, *rope_block)
+        k_ctx, v_ctx = self._project_kv(context, *rope_context)
+
+        if cache is not None:
+            k_ctx, v_ctx, context_positions = self._append_to_cache(cache, k_ctx, v_ctx, context_positions)
+        k = torch.cat((k_ctx, k_blk), dim=2)
+        v = torch.cat((v_ctx, v_blk), dim=2)
+        if attention_bias is None:
+            attention_bias = self._inference_bias(block_positions, context_positions, q.dtype)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _append_to_cache(
+        self, cache: DraftCache, k_new: torch.Tensor, v_new: torch.Tensor, pos_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        i = self.layer_idx
+        if len(cache.keys) <= i:
+            cache.keys.append(k_new)
+            cache.values.append(v_new)
+            cache.positions.append(pos_new)
+        elif k_new.shape[2]:
+            cache.keys[i] = torch.cat((cache.keys[i], k_new), dim=2)
+            cache.values[i] = torch.cat((cache.values[i], v_new), dim=2)
+            cache.positions[i] = torch.cat((cache.positions[i], pos_new), dim=1)
+        if self.sliding_window is not None and cache.keys[i].shape[2] > self.sliding_window:
+            # Queries only move forward, so entries older than the window are never attended again.
+            keep = self.sliding_window
+            cache.keys[i] = cache.keys[i][:, :, -keep:]
+            cache.values[i] = cache.values[i][:, :, -keep:]
+            cache.positions[i] = cache.positions[i][:, -keep:]
+        return cache.keys[i], cache.values[i], cache.positions[i]
+
+    def _inference_bias(
+        self, block_positions: torch.Tensor, context_positions: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Additive mask [B, 1, Q, C+Q]: padding (position -1) is hidden; sliding layers see ``window`` back."""
+        has_padding = bool((context_positions < 0).any()) if context_positions.numel() else False
+        if self.sliding_window is None and not has_padding:
+            return None
+        key_pos = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
+        visible = (key_pos >= 0)[:, None, :].expand(-1, block_positions.shape[1], -1)
+        if self.sliding_window is not None:
+            distance = block_positions[:, :, None] - key_pos[:, None, :]  # [B, Q, C+Q]
+            visible = visible & (distance < self.sliding_window)
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        bias.masked_fill_(~visible, torch.finfo(dtype).min)
+        return bias[:, None]
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDecoderLayer(nn.Module):
+    def __init__(self, config: DFlashConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DFlashAttention(config, layer_idx)
+        self.mlp = DFlashMLP(config)
+        self.input_layernorm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), context, **attn_kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class DFlashPreTrainedModel(PreTrainedModel):
+    config_class = DFlashConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DFlashDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, DFlashRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class DFlashDraftModel(DFlashPreTrainedModel):
+    """DFlash drafter. Use it as ``target.generate(..., assistant_model=drafter)``.
+
+    ``last_stats`` holds the statistics of the last generate call that used this drafter.
+    """
+
+    # Duck-typed marker the generate patch dispatches on: a drafter loaded as remote code is a different class
+    # object from ``dflash_hf.DFlashDraftModel``, so ``isinstance`` cannot be used.
+    is_dflash_drafter = True
+
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__(config)
+        target_width = config.num_taps * config.target_hidden_size
+        self.fc = nn.Linear(target_width, config.hidden_size, bias=False)
+        self.hidden_norm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DFlashRotaryEmbedding(config)
+        self.last_stats: DFlashStats | None = None
+        # How `generate(assistant_model=self)` decodes: "dflash" (our loop: fused verification, exact stopping)
+        # or "transformers" (the stock assisted loop driving DFlashCandidateGenerator).
+        self.generation_loop = "dflash"
+        # Lossless sampling rule when do_sample=True: "strict" (sample the target at every slot, accept while it
+        # equals the draft) or "ratio" (speculative sampling with the drafter's distribution; needs dflash_hf).
+        self.sampling_mode = "strict"
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: safetensors only, and every tensor present and used.
+
+        transformers would silently initialise a missing tensor at random (a drafter whose drafts are never
+        accepted) and ignore unexpected ones; for a drafter both mean the checkpoint is not what it claims.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        if kwargs["use_safetensors"] is not True:
+            raise ValueError("DFlash drafters load from safetensors only (pickled .bin weights are refused).")
+        want_info = kwargs.pop("output_loading_info", False)
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise OSError(
+                f"{folder} has no config.json: it is not a complete drafter checkpoint (download it again, or point "
+                "at the folder that holds config.json and model.safetensors)."
+            )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except (OSError, ValueError):
+            raise
+        except Exception as error:  # a truncated or corrupt safetensors file surfaces here
+            raise ValueError(
+                f"Could not read the drafter weights in {pretrained_model_name_or_path!s}: {error}. The checkpoint "
+                "looks incomplete or corrupt; download it again."
+            ) from error
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {k: v for k, v in problems.items() if v}
+        if problems:
+            details = "; ".join(f"{k.replace('_', ' ')}: {v[:6]}{' …' if len(v) > 6 else ''}" for k, v in problems.items())
+            raise ValueError(
+                f"The checkpoint in {pretrained_model_name_or_path!s} does not match its DFlash config ({details}). "
+                "It is incomplete or belongs to another model; use a complete DFlash drafter checkpoint."
+            )
+        return (model, info) if want_info else model
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return list(self.config.target_layer_ids)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.config.mask_token_id
+
+    def project_context(self, taps: torch.Tensor) -> torch.Tensor:
+        """taps: [B, C, K * target_hidden] -> context features [B, C, hidden]."""
+        return self.hidden_norm(self.fc(taps.to(self.fc.weight.dtype)))
+
+    def forward(
+        self,
+        block_embeds: torch.Tensor,
+        taps: torch.Tensor,
+        block_positions: torch.Tensor,
+        context_positions: torch.Tensor,
+        cache: DraftCache | None = None,
+        attention_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the drafter over one block (inference) or many blocks at once (training).
+
+        block_embeds: [B, Q, H] target embeddings of the block tokens.
+        taps: [B, C, K * target_hidden] tapped target states of the C context positions not yet in ``cache``.
+        block_positions: [B, Q] and context_positions: [B, C] absolute positions (``-1`` = padding).
+        Returns the final-normed hidden states [B, Q, H]; the caller applies the target's LM head.
+        """
+        dtype = self.fc.weight.dtype
+        hidden = block_embeds.to(dtype)
+        context = self.project_context(taps)
+        rope_block = self.rotary_emb(block_positions.clamp(min=0), dtype)
+        rope_context = self.rotary_emb(context_positions.clamp(min=0), dtype)
+        attn_kwargs = dict(
+            rope_block=rope_block,
+            rope_context=rope_context,
+            block_positions=block_positions,
+            context_positions=context_positions,
+            cache=cache,
+            attention_bias=attention_bias,
+        )
+        for layer in self.layers:
+            hidden = layer(hidden, context, **attn_kwargs)
+        return self.norm(hidden)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Building a drafter for a target
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_target(
+        cls,
+        target: PreTrainedModel,
+        num_hidden_layers: int = 1,
+        block_size: int = 16,
+        target_layer_ids: list[int] | None = None,
+        mask_token_id: int | None = None,
+        init_from_target: bool = False,
+        num_taps: int | None = None,
+        **config_overrides,
+    ) -> "DFlashDraftModel":
+        """An untrained drafter sized from ``target``'s config, on the target's device and dtype.
+
+        ``target_layer_ids`` default to DESIGN §4's spread (``num_taps`` of them, default ``min(5, L // 2)`` …
+        at least one). ``mask_token_id`` defaults to the tokenizer-independent choice of the target's pad or
+        last vocabulary row. ``init_from_target=True`` copies the matching weights of evenly spaced target
+        decoder layers into the drafter layers (attention, MLP and norms), which speeds up training.
+        """
+        from .generation_dflash import target_text_config, target_decoder_layers
+
+        tcfg = target_text_config(target)
+        num_layers = tcfg.num_hidden_layers
+        if target_layer_ids is None:
+            taps = num_taps if num_taps is not None else max(1, min(5, num_layers // 4))
+            target_layer_ids = default_target_layer_ids(num_layers, taps)
+        if mask_token_id is None:
+            pad = getattr(tcfg, "pad_token_id", None)
+            mask_token_id = pad if isinstance(pad, int) else tcfg.vocab_size - 1
+        heads = tcfg.num_attention_heads
+        head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
+        rope = getattr(tcfg, "rope_parameters", None) or {}
+        rope_theta = rope.get("rope_theta", getattr(tcfg, "rope_theta", 1_000_000.0))
+        values = dict(
+            vocab_size=tcfg.vocab_size,
+            hidden_size=tcfg.hidden_size,
+            intermediate_size=tcfg.intermediate_size if isinstance(tcfg.intermediate_size, int) else 4 * tcfg.hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(tcfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            hidden_act=getattr(tcfg, "hidden_act", "silu"),
+            max_position_embeddings=getattr(tcfg, "max_position_embeddings", 40960),
+            rms_norm_eps=getattr(tcfg, "rms_norm_eps", 1e-6),
+            rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+            block_size=block_size,
+            num_target_layers=num_layers,
+            target_hidden_size=tcfg.hidden_size,
+            dflash_config={"mask_token_id": mask_token_id, "target_layer_ids": list(target_layer_ids)},
+        )
+        values.update(config_overrides)
+        config = DFlashConfig(**values)
+        param = next(target.parameters())
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        drafter = cls(config).to(device=_home_device(target), dtype=dtype)
+        validate_pair(target, drafter)
+        if init_from_target:
+            drafter._copy_layers_from(target_decoder_layers(target))
+        return drafter
+
+    @torch.no_grad()
+    def _copy_layers_from(self, target_layers) -> None:
+        """Initialise drafter layer j from target layer round(j·(L-1)/(n-1)) where tensor shapes agree."""
+        n, total = len(self.layers), len(target_layers)
+        for j, layer in enumerate(self.layers):
+            src = target_layers[round(j * (total - 1) / max(1, n - 1))] if n > 1 else target_layers[total // 2]
+            src_state = src.state_dict()
+            for name, tensor in layer.state_dict().items():
+                if name in src_state and src_state[name].shape == tensor.shape and src_state[name].is_floating_point():
+                    tensor.copy_(src_state[name].to(tensor.dtype))
+
+    # Generation ----------------------------------------------------------------------------------------------
+    def _dflash_decode(self, target: PreTrainedModel, *args, **kwargs):
+        """Entry point of the generate patch: run DFlash decoding of ``target`` with this drafter."""
+        return run_dflash_decoding(target, self, *args, **kwargs)
+
+    def _dflash_validate(self, target: PreTrainedModel) -> None:
+        validate_pair(target, self)
+
+
+def _home_device(target: PreTrainedModel) -> torch.device:
+    """Where the drafter should live: the device of the target's input embedding (first device of a map)."""
+    emb = target.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(p.device for p in target.parameters() if p.device.type != "meta")
+
+
+DFlashConfig.register_for_auto_class()
+DFlashDraftModel.register_for_auto_class("AutoModel")
+install_generate_patch()
+
+__all__ = ["DFlashDraftModel", "DFlashPreTrainedModel", "DraftCache"]

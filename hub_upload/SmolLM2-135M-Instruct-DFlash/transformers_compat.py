@@ -1,0 +1,73 @@
+"""Every difference between the transformers releases we support (5.15 … 5.x), in one place.
+
+Portable core: imports only torch, transformers and siblings; copied into every published drafter.
+
+What differs across the range (see shared/reference/hf-integration.md §3):
+- the cache keyword: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (in generate's model_kwargs, in model
+  forwards and in generate's output dataclasses);
+- ``Cache.crop``: only ``crop(-n)`` with ``n > 0`` means the same thing everywhere;
+- decoder layers return a tensor in recent releases and a tuple in older ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+def cache_from_model_kwargs(model_kwargs: dict) -> Any:
+    cache = model_kwargs.get("cache")
+    return cache if cache is not None else model_kwargs.get("past_key_values")
+
+
+def forward_cache_kwarg(model: torch.nn.Module) -> str:
+    """Name under which ``model.forward`` takes its KV cache."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def crop_cache(cache: Any, tokens_to_remove: int) -> None:
+    """Drop the last ``tokens_to_remove`` positions of a transformers cache (no-op for 0)."""
+    if tokens_to_remove < 0:
+        raise ValueError(f"tokens_to_remove must be >= 0, got {tokens_to_remove}.")
+    if tokens_to_remove:
+        cache.crop(-tokens_to_remove)
+
+
+def activate_past_recording(cache: Any) -> None:
+    """Sliding-window layers must keep the entries they would evict, or a rejected block cannot be undone."""
+    activate = getattr(cache, "activate_past_recording", None)
+    if activate is not None:
+        activate()
+
+
+def layer_output_hidden(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def make_generate_output(sequences: torch.Tensor, cache: Any, **fields: Any) -> GenerateDecoderOnlyOutput:
+    kwargs = {k: v for k, v in fields.items() if k in _OUTPUT_FIELDS}
+    kwargs[_OUTPUT_CACHE_FIELD] = cache
+    return GenerateDecoderOnlyOutput(sequences=sequences, **kwargs)
+
+
+__all__ = [
+    "TRANSFORMERS_VERSION",
+    "activate_past_recording",
+    "cache_from_model_kwargs",
+    "crop_cache",
+    "forward_cache_kwarg",
+    "layer_output_hidden",
+    "make_generate_output",
+]

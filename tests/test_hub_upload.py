@@ -1,0 +1,30 @@
+"""hub_upload/: the shipped default drafter folder is exactly what `dflash-hf export` produces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dflash_hf.hub import check_serving_contract, export_drafter
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash"
+BENCH = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash.bench.json"
+
+
+def test_shipped_folder_is_what_export_produces(tmp_path):
+    bench = json.loads(BENCH.read_text())
+    rebuilt = export_drafter(SHIPPED, tmp_path / "rebuilt", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                             bench_json=BENCH, model_name="dflash-hf/SmolLM2-135M-Instruct-DFlash")
+    shipped = sorted(p.name for p in SHIPPED.iterdir() if not p.name.startswith((".", "__")))
+    assert sorted(p.name for p in rebuilt.iterdir()) == shipped
+    for name in shipped:
+        a, b = (SHIPPED / name).read_bytes(), (rebuilt / name).read_bytes()
+        if name == "config.json":  # the writing transformers version is recorded in it
+            a, b = (json.loads(x) for x in (a, b))
+            a.pop("transformers_version"), b.pop("transformers_version")
+        assert a == b, name
+    assert check_serving_contract(SHIPPED) == []
+    card = (SHIPPED / "README.md").read_text()
+    assert bench["command"] in card
+    assert f"{bench['methods']['dflash']['mean_acceptance_length']:.2f}" in card
