@@ -13,6 +13,7 @@ the generate patch detects that case and says how to fix it (see ``generation_df
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -84,21 +85,27 @@ class DFlashConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.vocab_size = _as_int("vocab_size", vocab_size, minimum=1)
-        self.hidden_size = _as_int("hidden_size", hidden_size, minimum=1)
-        self.intermediate_size = _as_int("intermediate_size", intermediate_size, minimum=1)
-        self.num_hidden_layers = _as_int("num_hidden_layers", num_hidden_layers, minimum=1)
-        self.num_attention_heads = _as_int("num_attention_heads", num_attention_heads, minimum=1)
+        self.vocab_size = _as_int("vocab_size", vocab_size, minimum=1, maximum=_MAX_VOCAB)
+        self.hidden_size = _as_int("hidden_size", hidden_size, minimum=1, maximum=_MAX_WIDTH)
+        self.intermediate_size = _as_int("intermediate_size", intermediate_size, minimum=1, maximum=_MAX_WIDTH)
+        self.num_hidden_layers = _as_int("num_hidden_layers", num_hidden_layers, minimum=1, maximum=_MAX_COUNT)
+        self.num_attention_heads = _as_int("num_attention_heads", num_attention_heads, minimum=1, maximum=_MAX_COUNT)
         kv_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        self.num_key_value_heads = _as_int("num_key_value_heads", kv_heads, minimum=1)
+        self.num_key_value_heads = _as_int("num_key_value_heads", kv_heads, minimum=1, maximum=_MAX_COUNT)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
         self.head_dim = _as_int(
-            "head_dim", head_dim if head_dim is not None else self.hidden_size // self.num_attention_heads, minimum=1
+            "head_dim", head_dim if head_dim is not None else self.hidden_size // self.num_attention_heads, minimum=1,
+            maximum=_MAX_COUNT,
         )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim must be even for rotary embeddings, got {self.head_dim} "
+                f"(hidden_size={self.hidden_size} / num_attention_heads={self.num_attention_heads} when not given)."
+            )
         self.hidden_act = hidden_act
         self.max_position_embeddings = _as_int("max_position_embeddings", max_position_embeddings, minimum=1)
         self.initializer_range = float(initializer_range)
@@ -113,10 +120,10 @@ class DFlashConfig(PretrainedConfig):
         self.max_window_layers = self.num_hidden_layers if max_window_layers is None else max_window_layers
         self.layer_types = _layer_types(layer_types, self.num_hidden_layers, self)
 
-        self.block_size = _as_int("block_size", block_size, minimum=2)
-        nested = dict(dflash_config or {})
+        self.block_size = _as_int("block_size", block_size, minimum=2, maximum=_MAX_COUNT)
         if not isinstance(dflash_config, (dict, type(None))):
             raise ValueError(f"dflash_config must be a mapping, got {type(dflash_config).__name__}.")
+        nested = dict(dflash_config or {})
         mask = nested.get("mask_token_id", mask_token_id)
         taps = nested.get("target_layer_ids", target_layer_ids)
         self.num_target_layers = None if num_target_layers is None else _as_int(
@@ -143,10 +150,18 @@ class DFlashConfig(PretrainedConfig):
             )
         self.dflash_config = {"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)}
         self.target_hidden_size = _as_int(
-            "target_hidden_size", target_hidden_size if target_hidden_size is not None else self.hidden_size, minimum=1
+            "target_hidden_size", target_hidden_size if target_hidden_size is not None else self.hidden_size, minimum=1,
+            maximum=_MAX_WIDTH,
         )
         kwargs.setdefault("architectures", ["DFlashDraftModel"])
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        try:
+            super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        except Exception as error:
+            # transformers >= 5.2x validates configs with huggingface_hub strict dataclasses, whose errors are not
+            # ValueErrors; report every invalid config.json the same way.
+            if type(error).__module__.startswith("huggingface_hub"):
+                raise ValueError(f"The drafter config is invalid: {error}") from error
+            raise
 
     @property
     def num_taps(self) -> int:
@@ -160,7 +175,13 @@ class DFlashConfig(PretrainedConfig):
         return out
 
 
-def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
+# Plausibility bounds: far above any real model, low enough that weight shapes cannot overflow int64.
+_MAX_WIDTH = 2**20
+_MAX_COUNT = 2**12
+_MAX_VOCAB = 2**24
+
+
+def _as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -168,6 +189,8 @@ def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
             raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value} is implausibly large (at most {maximum}); check config.json.")
     return value
 
 
@@ -188,10 +211,20 @@ def _rope_parameters(rope_parameters: Any, rope_theta: Any, rope_scaling: Any) -
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params.pop("type")
     params.setdefault("rope_type", "default")
+    if params["rope_type"] not in ("default", "linear"):
+        raise ValueError(
+            f"rope_type {params['rope_type']!r} is not supported by the DFlash drafter (supported: default, linear)."
+        )
+    if params["rope_type"] == "linear":
+        factor = params.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"Linear RoPE scaling needs a positive numeric factor, got {factor!r}.")
     try:
         params["rope_theta"] = float(params["rope_theta"])
     except (TypeError, ValueError):
         raise ValueError(f"rope_theta must be a number, got {params['rope_theta']!r}.") from None
+    if not math.isfinite(params["rope_theta"]) or params["rope_theta"] <= 0:
+        raise ValueError(f"rope_theta must be a positive finite number, got {params['rope_theta']!r}.")
     return params
 
 

@@ -66,7 +66,7 @@ def test_pickle_weights_refused(saved):
         DFlashDraftModel.from_pretrained(folder, use_safetensors=False)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(
     st.sampled_from(["block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "dflash_config", "layer_types", "rope_theta", "sliding_window", "vocab_size", "head_dim",
@@ -86,7 +86,8 @@ def test_config_parsing_fuzz(overrides):
         config = DFlashConfig(**base)
     except ValueError:
         return
-    DFlashDraftModel(config)  # a config that parses builds a model
+    with torch.device("meta"):  # shapes only: a parsed config may legally ask for a huge model
+        DFlashDraftModel(config)  # a config that parses builds a model
 
 
 def test_prompt_longer_than_context():
