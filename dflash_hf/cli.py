@@ -109,6 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import atomic_write_text, load_prompts, magpie_prompts, read_jsonl, regenerate
+    from .generation_dflash import validate_pair
     from .modeling_dflash import DFlashDraftModel
     from .training import FeatureDataset, TrainConfig, extract_features, train_drafter
 
@@ -125,21 +126,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto", device_map="auto").eval()
     # Stage 1: prompts (saved once, so a resumed run regenerates the same ones) and the target's responses.
     prompt_file = out / "prompts.jsonl"
-    if not prompt_file.exists():
+    prompts = [r["prompt"] for r in read_jsonl(prompt_file)] if prompt_file.exists() else []
+    if len(prompts) < args.num_prompts:
+        # A new run, or a run grown with a larger --num-prompts: existing prompts (and their responses and
+        # features) are kept, only the missing ones are made.
         if args.prompts:
-            prompts = load_prompts(args.prompts, limit=args.num_prompts)
+            fresh = load_prompts(args.prompts, limit=args.num_prompts)
         else:
-            prompts = magpie_prompts(target, tokenizer, args.num_prompts, seed=args.seed)
+            fresh = magpie_prompts(target, tokenizer, args.num_prompts - len(prompts), seed=args.seed + len(prompts))
+        known = set(prompts)
+        prompts += [p for p in fresh if p not in known][: args.num_prompts - len(prompts)]
         atomic_write_text(prompt_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    prompts = [r["prompt"] for r in read_jsonl(prompt_file)]
     regenerate(target, tokenizer, prompts, out / "data", max_new_tokens=args.max_new_tokens,
                temperature=args.temperature, batch_size=args.gen_batch_size,
                openai_base_url=args.openai_base_url, openai_model=args.openai_model)
     # Stage 2: the drafter's shape decides which layers to tap; features are cached for those.
-    drafter = DFlashDraftModel.from_target(
-        target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
-        mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
-    ).float()
+    if args.init_from:  # warm start: continue from a trained drafter (its shape and taps win)
+        drafter = DFlashDraftModel.from_pretrained(args.init_from, dtype=torch.float32)
+        validate_pair(target, drafter)
+    else:
+        drafter = DFlashDraftModel.from_target(
+            target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
+            mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
+        ).float()
     extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
     # Stage 3: training (resumes from the newest checkpoint unless --no-resume).
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, num_anchors=args.num_anchors, lr=args.lr,
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-taps", type=int, default=5)
     train.add_argument("--mask-token-id", type=int)
     train.add_argument("--init-from-target", action="store_true")
+    train.add_argument("--init-from", help="start from this trained drafter (folder or id) instead of a new one")
     train.add_argument("--steps", type=int, default=1500)
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--num-anchors", type=int, default=16)

@@ -38,26 +38,31 @@ class DFlashRMSNorm(nn.Module):
 
 
 class DFlashRotaryEmbedding(nn.Module):
-    """Standard RoPE (``rope_type: default`` and ``linear``); other scalings fail at build time, not silently."""
+    """Standard RoPE (``rope_type: default`` and ``linear``; the config rejects other scalings).
+
+    The inverse frequencies are computed on first use per device, never held in a buffer: ``from_pretrained``
+    builds models on the meta device and does not restore non-persistent buffers of custom modules, which would
+    leave RoPE running on uninitialised memory.
+    """
 
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__()
         params = config.rope_parameters
-        rope_type = params.get("rope_type", "default")
-        if rope_type not in ("default", "linear"):
-            raise ValueError(
-                f"rope_type {rope_type!r} is not supported by the DFlash drafter (supported: default, linear)."
-            )
-        dim = config.head_dim
-        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        if rope_type == "linear":
-            inv_freq = inv_freq / float(params["factor"])
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = config.head_dim
+        self.theta = float(params["rope_theta"])
+        self.factor = float(params["factor"]) if params.get("rope_type", "default") == "linear" else 1.0
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+            self._inv_freq[device] = 1.0 / (self.theta**exponents) / self.factor
+        return self._inv_freq[device]
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: [B, S] -> cos, sin: [B, S, head_dim]
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

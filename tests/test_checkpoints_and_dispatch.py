@@ -74,6 +74,22 @@ def zlab_tensors(num_layers: int = 2) -> dict:
             for name, shape in shapes.items()}
 
 
+def assert_same_drafts(loaded: DFlashDraftModel, built: DFlashDraftModel) -> None:
+    """A loaded drafter computes what a directly built one with the same weights computes.
+
+    Weights equal is not enough: from_pretrained builds on the meta device, so state that is not a saved tensor
+    (RoPE frequencies, say) must be recreated, or drafts silently degrade to noise.
+    """
+    g = torch.Generator().manual_seed(3)
+    cfg = built.config
+    embeds = torch.randn(1, cfg.block_size, cfg.hidden_size, generator=g, dtype=torch.float64)
+    taps = torch.randn(1, 11, cfg.num_taps * cfg.target_hidden_size, generator=g, dtype=torch.float64)
+    block_positions = torch.arange(11, 11 + cfg.block_size)[None]
+    out_loaded = loaded(embeds, taps, block_positions, torch.arange(11)[None])
+    out_built = built(embeds, taps, block_positions, torch.arange(11)[None])
+    torch.testing.assert_close(out_loaded, out_built)
+
+
 def test_zlab_checkpoint_loads_exactly_and_decodes_losslessly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(zlab_config()))
     tensors = zlab_tensors()
@@ -83,6 +99,9 @@ def test_zlab_checkpoint_loads_exactly_and_decodes_losslessly(tmp_path):
     assert drafter.config.target_layer_ids == [1, 2] and drafter.config.mask_token_id == VOCAB - 1
     assert drafter.config.block_size == 8 and drafter.config.num_target_layers == 4
     torch.testing.assert_close(drafter.state_dict()["layers.1.mlp.up_proj.weight"], tensors["layers.1.mlp.up_proj.weight"].double())
+    built = DFlashDraftModel(drafter.config).double()
+    built.load_state_dict({k: v.double() for k, v in tensors.items()})
+    assert_same_drafts(drafter, built)
     target = make_target("qwen3")
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
     plain = target.generate(prompt, max_new_tokens=16, do_sample=False)
@@ -107,6 +126,7 @@ def test_save_pretrained_roundtrip_keeps_format(tmp_path):
     reloaded = DFlashDraftModel.from_pretrained(tmp_path, dtype=torch.float64)
     for key, value in drafter.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value)
+    assert_same_drafts(reloaded, drafter)
 
 
 REMOTE_SCRIPT = textwrap.dedent(

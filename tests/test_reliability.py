@@ -87,7 +87,25 @@ def test_config_parsing_fuzz(overrides):
     except ValueError:
         return
     with torch.device("meta"):  # shapes only: a parsed config may legally ask for a huge model
-        DFlashDraftModel(config)  # a config that parses builds a model
+        if config.target_layer_ids is None:  # the one thing a config may leave open; the model refuses it
+            with pytest.raises(ValueError, match="target layers to tap are unknown"):
+                DFlashDraftModel(config)
+        else:
+            DFlashDraftModel(config)  # any other config that parses builds a model
+
+
+def test_config_without_taps_parses_but_does_not_load(tmp_path):
+    """transformers builds an argument-free config to diff against; only a model needs the taps."""
+    assert DFlashConfig().target_layer_ids is None
+    config = DFlashConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, dflash_config={"mask_token_id": 3, "target_layer_ids": [1]})
+    DFlashDraftModel(config).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["dflash_config"].pop("target_layer_ids")
+    raw.pop("num_target_layers", None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="Add one of them to config.json"):
+        DFlashDraftModel.from_pretrained(tmp_path)
 
 
 def test_prompt_longer_than_context():

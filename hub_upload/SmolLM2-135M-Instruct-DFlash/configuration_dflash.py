@@ -129,26 +129,26 @@ class DFlashConfig(PretrainedConfig):
         self.num_target_layers = None if num_target_layers is None else _as_int(
             "num_target_layers", num_target_layers, minimum=1
         )
-        if taps is None:
-            if self.num_target_layers is None:
-                raise ValueError(
-                    "The drafter config names neither dflash_config.target_layer_ids nor num_target_layers, so the "
-                    "target layers to tap are unknown. Add one of them to config.json."
-                )
+        if taps is None and self.num_target_layers is not None:
             taps = default_target_layer_ids(self.num_target_layers, 1)
-        if not isinstance(taps, (list, tuple)) or not taps:
-            raise ValueError(f"target_layer_ids must be a non-empty list of layer indices, got {taps!r}.")
-        self.target_layer_ids = [_as_int("target_layer_ids[]", t, minimum=0) for t in taps]
-        if self.num_target_layers is not None and max(self.target_layer_ids) >= self.num_target_layers:
-            raise ValueError(
-                f"target_layer_ids {self.target_layer_ids} reach beyond num_target_layers={self.num_target_layers}."
-            )
+        if taps is None:
+            # Unknown taps: legal for the argument-free config transformers builds to diff against, refused by
+            # DFlashDraftModel (see ``require_target_layer_ids``).
+            self.target_layer_ids = None
+        else:
+            if not isinstance(taps, (list, tuple)) or not taps:
+                raise ValueError(f"target_layer_ids must be a non-empty list of layer indices, got {taps!r}.")
+            self.target_layer_ids = [_as_int("target_layer_ids[]", t, minimum=0) for t in taps]
+            if self.num_target_layers is not None and max(self.target_layer_ids) >= self.num_target_layers:
+                raise ValueError(
+                    f"target_layer_ids {self.target_layer_ids} reach beyond num_target_layers={self.num_target_layers}."
+                )
         self.mask_token_id = None if mask is None else _as_int("mask_token_id", mask, minimum=0)
         if self.mask_token_id is not None and self.mask_token_id >= self.vocab_size:
             raise ValueError(
                 f"mask_token_id {self.mask_token_id} is outside the vocabulary (vocab_size={self.vocab_size})."
             )
-        self.dflash_config = {"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)}
+        self.dflash_config = {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids}
         self.target_hidden_size = _as_int(
             "target_hidden_size", target_hidden_size if target_hidden_size is not None else self.hidden_size, minimum=1,
             maximum=_MAX_WIDTH,
@@ -165,7 +165,15 @@ class DFlashConfig(PretrainedConfig):
 
     @property
     def num_taps(self) -> int:
-        return len(self.target_layer_ids)
+        return len(self.require_target_layer_ids())
+
+    def require_target_layer_ids(self) -> list[int]:
+        if self.target_layer_ids is None:
+            raise ValueError(
+                "The drafter config names neither dflash_config.target_layer_ids nor num_target_layers, so the "
+                "target layers to tap are unknown. Add one of them to config.json."
+            )
+        return self.target_layer_ids
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
