@@ -29,16 +29,22 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
 from .transformers_compat import (
+    LinearStateSnapshot,
     activate_past_recording,
     cache_from_model_kwargs,
     crop_cache,
     forward_cache_kwarg,
+    has_linear_attention,
     layer_output_hidden,
     make_generate_output,
 )
 
-# Attention-only families whose KV cache crops exactly. Hybrid (linear-attention) families need state rollback.
-SUPPORTED_TARGET_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+# Attention-only families, whose KV cache crops exactly, and hybrids with Gated-DeltaNet linear attention, whose
+# conv/recurrent states are rolled back by snapshot and re-run (see run_dflash_decoding).
+SUPPORTED_TARGET_TYPES = (
+    "llama", "qwen2", "qwen3", "qwen3_moe",
+    "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
+)
 MAX_BLOCK_SIZE = 128
 
 
@@ -61,6 +67,9 @@ class DFlashStats:
     sampling: str = "greedy"
     block_size: int = 0
     draft_cache_bytes: int = 0
+    # Hybrid targets: forwards that re-ran the accepted prefix after restoring linear-attention states.
+    num_rollback_forwards: int = 0
+    rollback_time_s: float = 0.0
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -431,6 +440,7 @@ def run_dflash_decoding(
     if cache is None:
         raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
     activate_past_recording(cache)
+    snapshot = LinearStateSnapshot(cache) if has_linear_attention(cache) else None
     cache_kwarg = forward_cache_kwarg(target)
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is not None and bool(attention_mask.all()):
@@ -506,13 +516,25 @@ def run_dflash_decoding(
 
             block = torch.cat((input_ids[:, -1:], drafts), dim=1)  # [1, n+1]
             block_positions = positions[:, -1:] + torch.arange(num_drafts + 1, device=device)
+            if snapshot is not None:
+                snapshot.take()
             logits = target_forward(block, block_positions, prefill=False)  # [1, n+1, V]
             scores = process_block_scores(logits, input_ids, drafts, logits_processor)
             accepted, next_token = verifier(scores, drafts, input_ids.shape[1], draft_scores)
-            crop_cache(cache, num_drafts - accepted)
             # The block's accepted prefix (pending token + accepted drafts) is committed context for the drafter.
             context = taps.take()[:, : accepted + 1]
             context_positions = block_positions[:, : accepted + 1]
+            if snapshot is not None and accepted < num_drafts:
+                # Linear-attention states absorbed the rejected drafts and cannot be cropped: restore the states
+                # from before the block and advance them over the accepted prefix only.
+                t2 = time.perf_counter()
+                snapshot.restore(num_drafts + 1)
+                target_forward(block[:, : accepted + 1], context_positions, prefill=False)
+                taps.take()  # identical to the verify forward's taps of these positions
+                stats.num_rollback_forwards += 1
+                stats.rollback_time_s += time.perf_counter() - t2
+            else:
+                crop_cache(cache, num_drafts - accepted)
             stats.acceptance_lengths.append(accepted + 1)
             committed = torch.cat((drafts[0, :accepted], next_token))
             done = commit(committed, scores[:, : accepted + 1], logits[:, : accepted + 1])
@@ -637,6 +659,19 @@ def install_generate_patch() -> None:
                     "drop assistant_model."
                 )
             assistant._dflash_validate(self)
+            if getattr(self, "_is_stateful", False):
+                # transformers refuses assisted decoding on stateful (hybrid) models because its loop cannot roll
+                # their states back; the DFlash loop can, the stock loop cannot.
+                if getattr(assistant, "generation_loop", "dflash") == "transformers":
+                    raise ValueError(
+                        f"{type(self).__name__} keeps linear-attention state that transformers' assisted loop cannot "
+                        "roll back. Use the DFlash loop (drafter.generation_loop = 'dflash', the default)."
+                    )
+                self._is_stateful = False  # instance attribute shadows the class flag for this check only
+                try:
+                    return original_validate(self, *args, **kwargs)
+                finally:
+                    del self._is_stateful
         return original_validate(self, *args, **kwargs)
 
     @functools.wraps(original_get_generator)

@@ -108,3 +108,45 @@ def scripted(monkeypatch):
         return script
 
     return install
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Goodness of fit of sampled generations against the exact law of plain sampling
+# ---------------------------------------------------------------------------------------------------------------
+SMALL_CHI_SQUARE_SAMPLES = 1000
+
+
+def warped_probs(model, ids: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Next-token law of ``model`` after ``ids`` under the temperature and top-k warpers generate applies."""
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1] / temperature
+    kth = logits.topk(top_k).values[-1]
+    return torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+
+
+def exact_pair_law(model, start: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """P(t2, t3) = sum_t1 p(t1) p(t2|t1) p(t3|t1,t2): the joint law of generated tokens 2 and 3. [V, V]"""
+    vocab = model.config.get_text_config().vocab_size
+    expected = torch.zeros(vocab, vocab, dtype=torch.float64)
+    p1 = warped_probs(model, start, temperature, top_k)
+    for t1 in torch.nonzero(p1).flatten().tolist():
+        s1 = torch.cat((start, torch.tensor([[t1]])), 1)
+        p2 = warped_probs(model, s1, temperature, top_k)
+        for t2 in torch.nonzero(p2).flatten().tolist():
+            p3 = warped_probs(model, torch.cat((s1, torch.tensor([[t2]])), 1), temperature, top_k)
+            expected[t2] += p1[t1] * p2[t2] * p3
+    return expected
+
+
+def chi_square_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson chi-square p-value of observed ``counts`` against the law ``expected`` (cells with an expected
+    count <= 5 are left out, and must hold almost nothing)."""
+    from scipy.stats import chisquare
+
+    samples = counts.sum()
+    flat_expected = expected.flatten() * samples
+    keep = flat_expected > 5
+    assert counts.flatten()[~keep].sum() <= 0.02 * samples, "mass where the exact law has almost none"
+    observed = counts.flatten()[keep]
+    exp = flat_expected[keep] * observed.sum() / flat_expected[keep].sum()
+    return float(chisquare(observed.numpy(), exp.numpy()).pvalue)

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, make_drafter, make_target
-from scipy.stats import chisquare
-from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+from conftest import SMALL_CHI_SQUARE_SAMPLES, VOCAB, chi_square_p_value, exact_pair_law, make_drafter, make_target
+from transformers import MistralConfig, MistralForCausalLM
 
 import dflash_hf
 from dflash_hf import DFlashConfig, DFlashDraftModel
@@ -72,14 +71,11 @@ def test_mask_token_outside_vocabulary(target):
 
 def test_unsupported_target_family():
     torch.manual_seed(0)
-    config = Qwen3NextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_value_heads=2,
-                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
-                             num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-                             shared_expert_intermediate_size=16)
-    hybrid = Qwen3NextForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="does not support target model_type 'qwen3_next'"):
-        DFlashDraftModel.from_target(hybrid)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    other = MistralForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="does not support target model_type 'mistral'"):
+        DFlashDraftModel.from_target(other)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -124,14 +120,6 @@ def small_target():
     return model
 
 
-def warped_probs(model, ids, temperature, top_k):
-    with torch.no_grad():
-        logits = model(ids).logits[0, -1] / temperature
-    kth = logits.topk(top_k).values[-1]
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, -1)
-
-
 @pytest.mark.parametrize("mode", ["strict", "ratio"])
 def test_sampling_matches_plain_sampling_distribution(scripted, mode):
     """Joint law of generated tokens 2 and 3 (both decided in the first verify block) vs the exact law."""
@@ -140,19 +128,7 @@ def test_sampling_matches_plain_sampling_distribution(scripted, mode):
     drafter.sampling_mode = mode
     start = torch.tensor([[1, 4, 2]])
     temperature, top_k = 0.8, 4
-    # exact P(t2, t3) = sum_t1 p(t1) p(t2|t1) p(t3|t1,t2) under the same warpers generate applies
-    expected = torch.zeros(SMALL_VOCAB, SMALL_VOCAB, dtype=torch.float64)
-    p1 = warped_probs(model, start, temperature, top_k)
-    for t1 in range(SMALL_VOCAB):
-        if p1[t1] == 0:
-            continue
-        s1 = torch.cat((start, torch.tensor([[t1]])), 1)
-        p2 = warped_probs(model, s1, temperature, top_k)
-        for t2 in range(SMALL_VOCAB):
-            if p2[t2] == 0:
-                continue
-            p3 = warped_probs(model, torch.cat((s1, torch.tensor([[t2]])), 1), temperature, top_k)
-            expected[t2] += p1[t1] * p2[t2] * p3
+    expected = exact_pair_law(model, start, temperature, top_k)
     # drafts: the greedy continuation, so that acceptance (and rejection) both happen often
     greedy = model.generate(start, max_new_tokens=8, do_sample=False)
     script = scripted(greedy, [None] * 10_000, vocab=SMALL_VOCAB)
@@ -160,22 +136,15 @@ def test_sampling_matches_plain_sampling_distribution(scripted, mode):
     counts = torch.zeros(SMALL_VOCAB, SMALL_VOCAB)
     torch.manual_seed(1234)
     accepted = 0
-    samples = 1000
-    for _ in range(samples):
+    for _ in range(SMALL_CHI_SQUARE_SAMPLES):
         script.step = 0
         out = model.generate(start, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=top_k,
                              assistant_model=drafter)
         counts[out[0, 4], out[0, 5]] += 1
         accepted += drafter.last_stats.acceptance_lengths[0] - 1
     assert drafter.last_stats.sampling == mode
-    assert 0 < accepted < samples * 2  # both acceptance and rejection were exercised
-    flat_expected = expected.flatten() * samples
-    keep = flat_expected > 5
-    observed = counts.flatten()[keep]
-    exp = flat_expected[keep] * observed.sum() / flat_expected[keep].sum()
-    assert counts.flatten()[~keep].sum() <= 0.02 * samples
-    p_value = chisquare(observed.numpy(), exp.numpy()).pvalue
-    assert p_value > 1e-3, (p_value, counts, expected)
+    assert 0 < accepted < SMALL_CHI_SQUARE_SAMPLES * 2  # both acceptance and rejection were exercised
+    assert chi_square_p_value(counts, expected) > 1e-3, (counts, expected)
 
 
 def test_sampling_reproducible_under_seed(target):

@@ -6,7 +6,9 @@ What differs across the range (see shared/reference/hf-integration.md §3):
 - the cache keyword: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (in generate's model_kwargs, in model
   forwards and in generate's output dataclasses);
 - ``Cache.crop``: only ``crop(-n)`` with ``n > 0`` means the same thing everywhere;
-- decoder layers return a tensor in recent releases and a tuple in older ones.
+- decoder layers return a tensor in recent releases and a tuple in older ones;
+- hybrid targets (Qwen3-Next, Qwen3.5): linear-attention cache layers hold ``conv_states`` /
+  ``recurrent_states`` dicts (state index -> tensor) that ``crop`` cannot roll back.
 """
 
 from __future__ import annotations
@@ -45,10 +47,62 @@ def crop_cache(cache: Any, tokens_to_remove: int) -> None:
 
 
 def activate_past_recording(cache: Any) -> None:
-    """Sliding-window layers must keep the entries they would evict, or a rejected block cannot be undone."""
-    activate = getattr(cache, "activate_past_recording", None)
-    if activate is not None:
-        activate()
+    """Sliding-window layers must keep the entries they would evict, or a rejected block cannot be undone.
+
+    Linear-attention layers are left alone: recording would grow their conv states every step, and their
+    recurrent state cannot be cropped anyway (``LinearStateSnapshot`` rolls them back instead).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        activate = getattr(cache, "activate_past_recording", None)
+        if activate is not None:
+            activate()
+        return
+    for layer in layers:
+        if not is_linear_attention_layer(layer) and hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+
+
+def is_linear_attention_layer(layer: Any) -> bool:
+    return isinstance(getattr(layer, "recurrent_states", None), dict)
+
+
+def has_linear_attention(cache: Any) -> bool:
+    return any(is_linear_attention_layer(layer) for layer in getattr(cache, "layers", ()))
+
+
+class LinearStateSnapshot:
+    """Rollback for hybrid caches: copies of every linear-attention layer's conv and recurrent states.
+
+    ``take()`` before a verify forward; ``restore(n)`` afterwards puts the linear layers back as they were and
+    drops the last ``n`` positions of the attention layers, i.e. undoes the whole verify forward.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.saved: list[tuple[Any, dict, dict]] = []
+
+    def take(self) -> None:
+        self.saved = [
+            (layer, _clone_states(layer.conv_states), _clone_states(layer.recurrent_states))
+            for layer in self.cache.layers
+            if is_linear_attention_layer(layer)
+        ]
+
+    def restore(self, attention_tokens_to_remove: int) -> None:
+        for layer, conv, recurrent in self.saved:
+            for store, saved in ((layer.conv_states, conv), (layer.recurrent_states, recurrent)):
+                for index, tensor in saved.items():
+                    if tensor is not None:
+                        store[index].copy_(tensor)
+        if attention_tokens_to_remove:
+            for layer in self.cache.layers:
+                if not is_linear_attention_layer(layer):
+                    layer.crop(-attention_tokens_to_remove)
+
+
+def _clone_states(states: dict) -> dict:
+    return {index: None if tensor is None else tensor.clone() for index, tensor in states.items()}
 
 
 def layer_output_hidden(output: Any) -> torch.Tensor:
@@ -63,11 +117,14 @@ def make_generate_output(sequences: torch.Tensor, cache: Any, **fields: Any) -> 
 
 
 __all__ = [
+    "LinearStateSnapshot",
     "TRANSFORMERS_VERSION",
     "activate_past_recording",
     "cache_from_model_kwargs",
     "crop_cache",
     "forward_cache_kwarg",
+    "has_linear_attention",
+    "is_linear_attention_layer",
     "layer_output_hidden",
     "make_generate_output",
 ]
