@@ -604,6 +604,12 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.stats.draft_time_s += time.perf_counter() - t0
         return torch.cat((input_ids, drafts), dim=1), None
 
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int) -> None:
+        """DFlash always proposes a full block; acceptance is inferred from ``input_ids`` in ``get_candidates``.
+
+        Older releases (5.15) declare this abstract and call it after every verify step, so it must exist.
+        """
+
     def finish(self, final_len: int, prompt_len: int) -> None:
         """Record the last verify step (no get_candidates call follows it) and the token count."""
         self.stats.new_tokens = final_len - prompt_len
