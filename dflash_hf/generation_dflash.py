@@ -34,9 +34,12 @@ from .transformers_compat import (
     cache_from_model_kwargs,
     crop_cache,
     forward_cache_kwarg,
+    gather_cache_slots,
     has_linear_attention,
     layer_output_hidden,
     make_generate_output,
+    ragged_batch_problem,
+    select_cache_rows,
 )
 
 # Attention-only families, whose KV cache crops exactly, and hybrids with Gated-DeltaNet linear attention, whose
@@ -70,6 +73,11 @@ class DFlashStats:
     # Hybrid targets: forwards that re-ran the accepted prefix after restoring linear-attention states.
     num_rollback_forwards: int = 0
     rollback_time_s: float = 0.0
+    # Batched generate: one DFlashStats per row (its acceptance lengths and tokens), and the largest target cache
+    # (in slots, holes included) the batch reached.
+    rows: list = field(default_factory=list)
+    peak_cache_slots: int = 0
+    draft_cache_slots: int = 0
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -81,6 +89,7 @@ class DFlashStats:
 
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["rows"] = [row.as_dict() for row in self.rows]
         out["mean_acceptance_length"] = self.mean_acceptance_length
         return out
 
@@ -290,13 +299,20 @@ def process_block_scores(
 
 
 def process_draft_scores(
-    draft_logits: torch.Tensor, sequence: torch.Tensor, logits_processor: Any, verifier: "BlockVerifier"
+    draft_logits: torch.Tensor,
+    sequence: torch.Tensor,
+    logits_processor: Any,
+    verifier: "BlockVerifier",
+    first_position: int | None = None,
 ) -> torch.Tensor:
     """Ratio mode: the drafter's q gets the same processors as the target (temperature, top-k, …).
 
     draft_logits: [1, n, V]. Slot t's processors see ``sequence + drafts[:t]``, so with processors the drafts
     are sampled one slot at a time; returns fp32 scores [1, n, V] (the q the drafts were sampled from).
+    ``first_position`` keys the first draft's randomness (default: ``sequence``'s length).
     """
+    if first_position is None:
+        first_position = sequence.shape[1]
     scores = draft_logits.float()
     if not logits_processor or scores.shape[1] == 0:
         return scores
@@ -304,7 +320,7 @@ def process_draft_scores(
     for t in range(scores.shape[1]):
         slot = logits_processor(prefix, scores[:, t])
         processed.append(slot)
-        token = verifier.sample_drafts(slot[:, None], sequence.shape[1] + t)
+        token = verifier.sample_drafts(slot[:, None], first_position + t)
         prefix = torch.cat((prefix, token), dim=1)
     return torch.stack(processed, dim=1)
 
@@ -354,6 +370,41 @@ class BlockVerifier:
         positions = torch.tensor([first_position], device=draft_scores.device)
         return self.kernels.sample_keyed(draft_scores, self.seed, positions, backend=self.backend)
 
+    def sample_draft_rows(self, draft_scores: torch.Tensor, first_positions: torch.Tensor) -> torch.Tensor:
+        """Ratio mode, batched: drafts [R, n] from scores [R, n, V]; row r's slot t is keyed by position
+        ``first_positions[r] + t``, so a row samples the same drafts whatever it is batched with."""
+        return self.kernels.sample_keyed(draft_scores, self.seed, first_positions, backend=self.backend)
+
+    def verify_rows(
+        self,
+        scores: torch.Tensor,
+        drafts: torch.Tensor,
+        num_drafts: torch.Tensor,
+        first_positions: torch.Tensor,
+        draft_scores: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched verification. scores: [R, n+1, V]; drafts: [R, n]; row r verifies only its first
+        ``num_drafts[r]`` drafts; ``first_positions`` [R]: the position (real tokens before it) slot 0 decides.
+        Returns (accepted [R], next token [R]).
+
+        With the kernels, randomness is keyed by (seed, position, token) only: a row's samples do not depend on
+        the other rows. The portable path draws from torch's global RNG row after row.
+        """
+        if self.kernels is None:
+            results = [
+                _verify_portable(scores[r : r + 1, : n + 1], drafts[r : r + 1, :n], self.mode != "greedy")
+                for r, n in enumerate(num_drafts.tolist())
+            ]
+            accepted = torch.tensor([a for a, _ in results], device=scores.device)
+            return accepted, torch.cat([token for _, token in results])
+        if self.mode == "ratio" and draft_scores is None:
+            draft_scores = scores[:, :0]
+        accepted, next_token, _ = self.kernels.verify(
+            self.mode, scores, drafts, num_drafts.to(scores.device), draft_logits=draft_scores, seed=self.seed,
+            positions=first_positions.to(scores.device), backend=self.backend,
+        )
+        return accepted, next_token.view(-1)
+
     def __call__(
         self, scores: torch.Tensor, drafts: torch.Tensor, first_position: int, draft_scores: torch.Tensor | None = None
     ) -> tuple[int, torch.Tensor]:
@@ -376,11 +427,6 @@ class BlockVerifier:
 # The decode loop (the default path of generate with a DFlash assistant)
 # ------------------------------------------------------------------------------------------------------------------
 def _check_request(target: nn.Module, generation_config: Any, input_ids: torch.Tensor, synced_gpus: bool) -> None:
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"DFlash generation currently takes one prompt per call (got a batch of {input_ids.shape[0]}). Call "
-            "generate once per prompt, or drop `assistant_model` for batched plain generation."
-        )
     if input_ids.shape[1] == 0:
         raise ValueError("The prompt is empty: DFlash needs at least one prompt token (e.g. the BOS token).")
     context = getattr(target_text_config(target), "max_position_embeddings", None)
@@ -435,6 +481,10 @@ def run_dflash_decoding(
         model_kwargs.pop(key, None)
     _check_request(target, generation_config, input_ids, synced_gpus)
     validate_pair(target, drafter)
+    if input_ids.shape[0] > 1:
+        return run_batched_dflash_decoding(
+            target, drafter, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+        )
 
     cache = cache_from_model_kwargs(model_kwargs)
     if cache is None:
@@ -551,6 +601,224 @@ def run_dflash_decoding(
         scores=tuple(scores_out) if want_scores else None,
         logits=tuple(logits_out) if want_logits else None,
     )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Batched decoding: ragged rows in one cache
+# ------------------------------------------------------------------------------------------------------------------
+# Design. All rows run one verify forward per step over n+1 slots, but each row accepts its own count. The
+# target cache keeps one slot axis for the batch: a row's rejected slots stay in place as holes, hidden by the 2-D
+# attention mask (exactly like left padding), and every row carries its own RoPE positions. Slots rejected by
+# every row are cropped at once. When holes pile up (more than COMPACT_MIN_HOLES and a quarter of the cache) the
+# live slots of each row are gathered to the right, in order, behind left padding — keys hold their RoPE, so
+# moving them changes nothing — and the same is done to the draft cache. Finished rows leave the batch.
+COMPACT_MIN_HOLES = 32
+
+
+def _batched_request_problem(generation_config: Any, streamer: Any, want_outputs: bool) -> str | None:
+    if streamer is not None:
+        return "a streamer takes one sequence; stream one prompt per generate call"
+    if want_outputs:
+        return "output_scores / output_logits are per step, and rows of a DFlash batch advance by different amounts"
+    return None
+
+
+def run_batched_dflash_decoding(
+    target: nn.Module,
+    drafter: nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    streamer: Any = None,
+    **model_kwargs: Any,
+) -> Any:
+    """DFlash decoding of a (left-padded) batch: every row equals plain ``generate`` on that prompt alone."""
+    num_rows = input_ids.shape[0]
+    cache = cache_from_model_kwargs(model_kwargs)
+    if cache is None:
+        raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
+    want_outputs = generation_config.return_dict_in_generate and (
+        generation_config.output_scores or generation_config.output_logits
+    )
+    problem = _batched_request_problem(generation_config, streamer, want_outputs) or ragged_batch_problem(cache)
+    if problem:
+        raise ValueError(
+            f"Batched DFlash generation (batch of {num_rows}) is not available here: {problem}. Call generate "
+            "once per prompt (batch size 1 supports it), or drop `assistant_model`."
+        )
+    device = input_ids.device
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError(
+            "The batch is right-padded; DFlash (like generate) needs left padding. Set "
+            "tokenizer.padding_side = 'left' before tokenizing the prompts."
+        )
+    pad_token = generation_config._pad_token_tensor
+    eos = generation_config._eos_token_tensor
+    if pad_token is None and eos is not None:
+        pad_token = eos.view(-1)[0]
+
+    cache_kwarg = forward_cache_kwarg(target)
+    verifier = BlockVerifier(bool(generation_config.do_sample), getattr(drafter, "sampling_mode", "strict"), device)
+    session = DraftSession(target, drafter)
+    block_size = session.block_size
+    stats = DFlashStats(sampling=verifier.mode, block_size=block_size, verify_backend=verifier.backend)
+    row_stats = [DFlashStats(sampling=verifier.mode, block_size=block_size, verify_backend=verifier.backend)
+                 for _ in range(num_rows)]
+    stats.rows = row_stats
+    drafter.last_stats = stats
+
+    sequences = [input_ids[r : r + 1] for r in range(num_rows)]  # each [1, padded prompt + generated]
+    live = torch.arange(num_rows, device=device)  # original indices of the rows still generating
+    real_len = attention_mask.sum(dim=1)  # [R] real tokens committed per live row (the next token's position)
+
+    def forward(tokens: torch.Tensor, token_positions: torch.Tensor, mask: torch.Tensor, prefill: bool) -> torch.Tensor:
+        kwargs = {cache_kwarg: cache, "use_cache": True, "attention_mask": mask, "position_ids": token_positions.clamp(min=0)}
+        if prefill and target._supports_logits_to_keep():
+            kwargs["logits_to_keep"] = 1
+        stats.num_target_forwards += 1
+        for r in live.tolist():
+            row_stats[r].num_target_forwards += 1
+        return target(input_ids=tokens, **kwargs).logits
+
+    def row_scores(logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        """Processors run per row on that row's own sequence, as plain generate would run them."""
+        return torch.cat([
+            process_block_scores(logits[i : i + 1], sequences[r], drafts[i : i + 1], logits_processor)
+            for i, r in enumerate(live.tolist())
+        ])
+
+    def commit(row: int, tokens: list[int], step_scores: torch.Tensor) -> bool:
+        """Append a row's tokens one at a time; True once one of its stopping criteria fires."""
+        for i, token in enumerate(tokens):
+            sequences[row] = torch.cat((sequences[row], sequences[row].new_tensor([[token]])), dim=1)
+            row_stats[row].new_tokens += 1
+            stats.new_tokens += 1
+            if bool(stopping_criteria(sequences[row], step_scores[None, i]).any()):
+                return True
+        return False
+
+    with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad():
+        t0 = time.perf_counter()
+        prompt_positions = _positions_from_mask(attention_mask, input_ids.shape[1], device)  # -1 on padding
+        logits = forward(input_ids, prompt_positions, attention_mask, prefill=True)[:, -1:]
+        context, context_positions = taps.take(), prompt_positions  # [R, P, K*H], [R, P]
+        no_drafts = input_ids[:, :0]
+        scores = row_scores(logits, no_drafts)
+        _, next_token = verifier.verify_rows(scores, no_drafts, torch.zeros_like(real_len), real_len)
+        stats.prefill_time_s = time.perf_counter() - t0
+        finished = torch.tensor([commit(r, [int(next_token[i])], scores[i]) for i, r in enumerate(live.tolist())])
+        peak_slots = cache.get_seq_length()
+
+        while True:
+            keep = (~finished[live.cpu()]).nonzero().view(-1).to(device)  # indices into the live rows
+            if keep.numel() == 0:
+                break
+            if keep.numel() < live.numel():  # finished rows stop costing work
+                live, real_len, next_token = live[keep], real_len[keep], next_token[keep]
+                attention_mask, context, context_positions = attention_mask[keep], context[keep], context_positions[keep]
+                select_cache_rows(cache, keep)
+                session.cache.select_rows(keep.to(session.device))
+            t0 = time.perf_counter()
+            cur_len = torch.tensor([sequences[r].shape[1] for r in live.tolist()], device=device)
+            # Never draft past max_length: a row near its end verifies fewer drafts (its extra slots are holes).
+            num_drafts = (generation_config.max_length - cur_len - 1).clamp(min=0, max=block_size - 1)
+            width = int(num_drafts.max())
+            anchor_positions = real_len.to(session.device)
+            draft_logits = session.propose(next_token, anchor_positions, context, context_positions)
+            draft_logits = draft_logits[:, :width].to(device)
+            draft_scores = None
+            if verifier.samples_drafts:
+                draft_scores = torch.cat([
+                    process_draft_scores(draft_logits[i : i + 1], sequences[r], logits_processor, verifier,
+                                         first_position=int(real_len[i]) + 1)
+                    for i, r in enumerate(live.tolist())
+                ]) if logits_processor else draft_logits.float()
+                drafts = verifier.sample_draft_rows(draft_scores, real_len + 1)
+            else:
+                drafts = draft_logits.argmax(dim=-1)  # [R, n]
+            t1 = time.perf_counter()
+            stats.draft_time_s += t1 - t0
+
+            block = torch.cat((next_token[:, None], drafts), dim=1)  # [R, n+1]
+            block_positions = real_len[:, None] + torch.arange(width + 1, device=device)
+            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(live.numel(), width + 1)), dim=1)
+            logits = forward(block, block_positions, attention_mask, prefill=False)  # [R, n+1, V]
+            peak_slots = max(peak_slots, cache.get_seq_length())
+            scores = row_scores(logits, drafts)
+            accepted, next_token = verifier.verify_rows(scores, drafts, num_drafts, real_len + 1, draft_scores)
+
+            # Row r keeps slots 0…accepted[r] of the block; the rest are holes. Slots no row kept are cropped.
+            slot = torch.arange(width + 1, device=device)
+            kept = slot[None, :] <= accepted[:, None]  # [R, n+1]
+            attention_mask[:, -(width + 1) :] = kept.long()
+            drop = width - int(accepted.max())
+            crop_cache(cache, drop)
+            attention_mask = attention_mask[:, : attention_mask.shape[1] - drop]
+            context = taps.take()[:, : width + 1 - drop]
+            context_positions = block_positions[:, : width + 1 - drop].masked_fill(~kept[:, : width + 1 - drop], -1)
+            real_len = real_len + accepted + 1
+
+            for i, r in enumerate(live.tolist()):
+                a = int(accepted[i])
+                row_stats[r].acceptance_lengths.append(a + 1)
+                stats.acceptance_lengths.append(a + 1)
+                finished[r] = commit(r, drafts[i, :a].tolist() + [int(next_token[i])], scores[i])
+            if _compact_if_wasteful(cache, attention_mask, session.cache):
+                attention_mask = _left_aligned_mask(attention_mask)
+            stats.verify_time_s += time.perf_counter() - t1
+        stats.draft_cache_bytes = session.cache.nbytes()
+        stats.draft_cache_slots = session.cache.length()
+        stats.peak_cache_slots = peak_slots
+
+    return _assemble_batch(sequences, pad_token, generation_config)
+
+
+def _compact_if_wasteful(cache: Any, attention_mask: torch.Tensor, draft_cache: Any) -> bool:
+    """Squeeze holes out of both caches once they are worth a gather; True when the target cache was compacted."""
+    compacted = False
+    slots = attention_mask.shape[1]
+    holes = slots - int(attention_mask.sum(dim=1).max())
+    if holes >= max(COMPACT_MIN_HOLES, slots // 4):
+        from .modeling_dflash import compaction_order
+
+        order, _ = compaction_order(attention_mask.bool())
+        gather_cache_slots(cache, order)
+        compacted = True
+    draft_length = draft_cache.length()
+    if draft_cache.padding_slots() >= max(COMPACT_MIN_HOLES, draft_length // 4):
+        draft_cache.compact()
+    return compacted
+
+
+def _left_aligned_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mask after compaction: each row's live slots last."""
+    count = attention_mask.sum(dim=1)
+    width = int(count.max())
+    return (torch.arange(width, device=attention_mask.device)[None, :] >= (width - count)[:, None]).long()
+
+
+def _assemble_batch(sequences: list[torch.Tensor], pad_token: Any, generation_config: Any) -> Any:
+    """Right-pad rows that stopped early with the pad token, as plain batched generate does."""
+    longest = max(seq.shape[1] for seq in sequences)
+    if any(seq.shape[1] < longest for seq in sequences) and pad_token is None:
+        raise ValueError(
+            "Rows of the batch stopped at different lengths and the generation config has neither pad_token_id "
+            "nor eos_token_id to fill them; set generation_config.pad_token_id."
+        )
+    rows = [
+        torch.cat((seq, seq.new_full((1, longest - seq.shape[1]), int(pad_token))), dim=1) if seq.shape[1] < longest
+        else seq
+        for seq in sequences
+    ]
+    output = torch.cat(rows)
+    if not generation_config.return_dict_in_generate:
+        return output
+    return make_generate_output(output, None)  # finished rows left the cache: it no longer matches the batch
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -105,6 +105,43 @@ def _clone_states(states: dict) -> dict:
     return {index: None if tensor is None else tensor.clone() for index, tensor in states.items()}
 
 
+def ragged_batch_problem(cache: Any) -> str | None:
+    """Why the batched DFlash loop cannot keep ragged rows in ``cache`` (None when it can).
+
+    The loop leaves rejected slots in place as masked holes and later gathers the live slots together, which
+    needs plain per-slot key/value tensors: sliding-window layers index by slot distance, and linear-attention
+    layers hold one state per row that a hole cannot be cut out of.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return f"{type(cache).__name__} does not expose its layers"
+    for layer in layers:
+        if is_linear_attention_layer(layer):
+            return "the target has linear-attention (Gated DeltaNet) layers"
+        if getattr(layer, "is_sliding", False):
+            return "the target has sliding-window attention layers"
+        if not hasattr(layer, "keys") or not hasattr(layer, "values"):
+            return f"cache layer {type(layer).__name__} holds no per-slot keys/values"
+    return None
+
+
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> None:
+    """Keep batch rows ``rows`` of every cache layer."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys[rows]
+            layer.values = layer.values[rows]
+
+
+def gather_cache_slots(cache: Any, order: torch.Tensor) -> None:
+    """Rebuild every layer from slots ``order`` [R, S'] of each row (keys carry their RoPE, so slots can move)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
+            index = order[:, None, :, None].to(layer.keys.device)
+            layer.keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+
+
 def layer_output_hidden(output: Any) -> torch.Tensor:
     """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -123,8 +160,11 @@ __all__ = [
     "cache_from_model_kwargs",
     "crop_cache",
     "forward_cache_kwarg",
+    "gather_cache_slots",
     "has_linear_attention",
     "is_linear_attention_layer",
     "layer_output_hidden",
     "make_generate_output",
+    "ragged_batch_problem",
+    "select_cache_rows",
 ]

@@ -22,12 +22,6 @@ def prompt(n=5, seed=0):
     return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_batch_of_prompts_refused_until_batching(target):
-    drafter = make_drafter(target)
-    with pytest.raises(ValueError, match="one prompt per call"):
-        target.generate(torch.randint(0, VOCAB, (2, 5)), max_new_tokens=4, assistant_model=drafter)
-
-
 def test_num_return_sequences_refused(target):
     with pytest.raises(ValueError, match="num_return_sequences"):
         target.generate(prompt(), max_new_tokens=4, do_sample=True, num_return_sequences=2,

@@ -96,6 +96,39 @@ class DraftCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.positions))
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (finished rows of a batch leave the cache)."""
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i][rows]
+            self.values[i] = self.values[i][rows]
+            self.positions[i] = self.positions[i][rows]
+
+    def padding_slots(self, layer: int = 0) -> int:
+        """Entries a compaction would free: cache length minus the most real entries any row holds."""
+        if layer >= len(self.positions) or self.positions[layer].numel() == 0:
+            return 0
+        real = (self.positions[layer] >= 0).sum(dim=1)
+        return self.positions[layer].shape[1] - int(real.max())
+
+    def compact(self) -> None:
+        """Squeeze out padding: each row's real entries move right, in order, behind left padding."""
+        for i in range(len(self.keys)):
+            order, keep = compaction_order(self.positions[i] >= 0)
+            self.positions[i] = self.positions[i].gather(1, order).masked_fill(~keep, -1)
+            index = order[:, None, :, None].expand(-1, self.keys[i].shape[1], -1, self.keys[i].shape[3])
+            self.keys[i] = self.keys[i].gather(2, index)
+            self.values[i] = self.values[i].gather(2, index)
+
+
+def compaction_order(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a [R, S] mask of real slots: gather indices [R, S'] that put each row's real slots last, in order,
+    behind padding, with S' the largest real count of any row; and the [R, S'] mask of real slots after it."""
+    count = real.sum(dim=1)
+    width = int(count.max()) if real.numel() else 0
+    order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices[:, real.shape[1] - width :]
+    keep = torch.arange(width, device=real.device)[None, :] >= (width - count)[:, None]
+    return order, keep
+
 
 class DFlashAttention(nn.Module):
     def __init__(self, config: DFlashConfig, layer_idx: int) -> None:
@@ -145,7 +178,9 @@ class DFlashAttention(nn.Module):
         k_ctx, v_ctx = self._project_kv(context, *rope_context)
 
         if cache is not None:
-            k_ctx, v_ctx, context_positions = self._append_to_cache(cache, k_ctx, v_ctx, context_positions)
+            k_ctx, v_ctx, context_positions = self._append_to_cache(
+                cache, k_ctx, v_ctx, context_positions, block_positions[:, 0]
+            )
         k = torch.cat((k_ctx, k_blk), dim=2)
         v = torch.cat((v_ctx, v_blk), dim=2)
         if attention_bias is None:
@@ -159,7 +194,12 @@ class DFlashAttention(nn.Module):
         return self.o_proj(out)
 
     def _append_to_cache(
-        self, cache: DraftCache, k_new: torch.Tensor, v_new: torch.Tensor, pos_new: torch.Tensor
+        self,
+        cache: DraftCache,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        pos_new: torch.Tensor,
+        anchor_positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i = self.layer_idx
         if len(cache.keys) <= i:
@@ -170,12 +210,15 @@ class DFlashAttention(nn.Module):
             cache.keys[i] = torch.cat((cache.keys[i], k_new), dim=2)
             cache.values[i] = torch.cat((cache.values[i], v_new), dim=2)
             cache.positions[i] = torch.cat((cache.positions[i], pos_new), dim=1)
-        if self.sliding_window is not None and cache.keys[i].shape[2] > self.sliding_window:
-            # Queries only move forward, so entries older than the window are never attended again.
-            keep = self.sliding_window
-            cache.keys[i] = cache.keys[i][:, :, -keep:]
-            cache.values[i] = cache.values[i][:, :, -keep:]
-            cache.positions[i] = cache.positions[i][:, -keep:]
+        if self.sliding_window is not None and cache.keys[i].shape[2] >= self.sliding_window:
+            # Queries only move forward (the earliest is each row's anchor), so an entry at or before
+            # anchor - window is never attended again. Drop the leading slots that no row still needs.
+            needed = cache.positions[i] > (anchor_positions - self.sliding_window)[:, None]  # [B, C]
+            first = int(needed.any(dim=0).int().argmax()) if bool(needed.any()) else needed.shape[1]
+            if first:
+                cache.keys[i] = cache.keys[i][:, :, first:]
+                cache.values[i] = cache.values[i][:, :, first:]
+                cache.positions[i] = cache.positions[i][:, first:]
         return cache.keys[i], cache.values[i], cache.positions[i]
 
     def _inference_bias(
