@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from test_hybrid_targets import make_hybrid
 from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
 
-from dflash_hf import DFlashDraftModel
+from dflash_hf import DFlashConfig, DFlashDraftModel
 from dflash_hf.generation_dflash import DraftSession, validate_pair
 from dflash_hf.modeling_dflash import DraftCache
 
@@ -219,10 +219,11 @@ def test_append_to_cache_keeps_what_the_slowest_row_still_needs():
 
 def test_window_changes_drafts_only_once_the_context_outgrows_it():
     """Same weights with full attention everywhere: identical drafts while every key is within the window of every
-    query, different ones once the context is longer than the window."""
+    query, different ones once the context is longer than the window. (is_causal=False keeps the sliding layers'
+    block non-causal, so that only the window differs.)"""
     target = make_target("qwen3")
-    sliding = make_sliding_drafter(target)
-    full = make_sliding_drafter(target, layer_types=["full_attention"] * 5)
+    sliding = make_sliding_drafter(target, is_causal=False)
+    full = make_sliding_drafter(target, layer_types=["full_attention"] * 5, is_causal=False)
     full.load_state_dict(sliding.state_dict())
     assert all(layer.self_attn.sliding_window is None for layer in full.layers)
     short_anchor = WINDOW - BLOCK  # the last block slot is window-1 positions after position 0
@@ -366,3 +367,62 @@ def test_qwen35_vocab_pair_is_lossless_on_a_hybrid_qwen3_5_target(qwen35_drafter
     fast = target.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=qwen35_drafter)
     assert torch.equal(plain, fast)
     assert qwen35_drafter.last_stats.new_tokens == 12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-block causality: z-lab's rule (sliding layers causal inside the block unless is_causal says otherwise)
+# ---------------------------------------------------------------------------------------------------------------
+def test_sliding_layers_are_causal_inside_the_block_by_default():
+    target = make_target("qwen3")
+    assert [layer.self_attn.block_causal for layer in make_sliding_drafter(target).layers] == [True] * 4 + [False]
+    causal = make_sliding_drafter(target, is_causal=True)
+    non_causal = make_sliding_drafter(target, is_causal=False)
+    assert all(layer.self_attn.block_causal for layer in causal.layers)
+    assert not any(layer.self_attn.block_causal for layer in non_causal.layers)
+    embeds, taps, block_positions, context_positions = draft_inputs(causal, anchor=3)
+    changed = embeds.clone()
+    changed[:, -1] += 1.0  # only the last block slot changes
+    with torch.no_grad():
+        a, b = (causal(e, taps, block_positions, context_positions) for e in (embeds, changed))
+        c, d = (non_causal(e, taps, block_positions, context_positions) for e in (embeds, changed))
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])  # earlier slots cannot see it through causal layers
+    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-3
+    assert (c[:, 0] - d[:, 0]).abs().max() > 1e-3  # a non-causal block lets slot 0 see it
+
+
+def test_training_mask_applies_each_layers_rules_like_inference():
+    """The trainer's one-forward-for-all-blocks mask plus the layer rules gives, for every block, what inference
+    computes for that block alone: sliding windows and in-block causality included."""
+    from dflash_hf.training import block_attention_mask
+
+    target = make_target("qwen3")
+    drafter = make_sliding_drafter(target)  # 4 sliding (causal in block) + 1 full
+    cfg = drafter.config
+    g = torch.Generator().manual_seed(5)
+    seq_len = 30
+    taps = torch.randn(1, seq_len, cfg.num_taps * cfg.target_hidden_size, generator=g, dtype=torch.float64)
+    anchors = torch.tensor([4, 13, 22])
+    embeds = torch.randn(1, len(anchors) * cfg.block_size, cfg.hidden_size, generator=g, dtype=torch.float64)
+    positions = (anchors[:, None] + torch.arange(cfg.block_size)).reshape(1, -1)
+    visible = block_attention_mask(anchors, cfg.block_size, seq_len)
+    bias = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    with torch.no_grad():
+        joint = drafter(embeds, taps, positions, torch.arange(seq_len)[None], cache=None, attention_bias=bias[None, None])
+        for j, anchor in enumerate(anchors.tolist()):
+            rows = slice(j * cfg.block_size, (j + 1) * cfg.block_size)
+            alone = drafter(embeds[:, rows], taps[:, :anchor], positions[:, rows], torch.arange(anchor)[None])
+            torch.testing.assert_close(joint[:, rows], alone)
+
+
+def small_config(dflash_config: dict) -> DFlashConfig:
+    return DFlashConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=96,
+                        num_target_layers=4, dflash_config=dflash_config)
+
+
+@pytest.mark.parametrize("option", [{"output_multiplier": 2.0}, {"final_logit_softcapping": 30.0},
+                                    {"input_embedding_scale": 0.5}])
+def test_unimplemented_dflash_options_are_refused(option):
+    with pytest.raises(ValueError, match="does not implement"):
+        small_config({"mask_token_id": 1, "target_layer_ids": [1], **option})
+    config = small_config({"mask_token_id": 1, "target_layer_ids": [1], "output_multiplier": 1.0, "is_causal": True})
+    assert config.is_causal is True

@@ -53,6 +53,9 @@ class DFlashConfig(PretrainedConfig):
     """
 
     model_type = "qwen3"
+    # In-block attention: None means z-lab's rule (sliding layers causal, full layers not); kept out of config.json
+    # unless set.
+    is_causal: bool | None = None
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class DFlashConfig(PretrainedConfig):
         mask_token_id: int | None = None,
         target_layer_ids: list[int] | None = None,
         tie_word_embeddings: bool = False,
+        is_causal: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = _as_int("vocab_size", vocab_size, minimum=1, maximum=_MAX_VOCAB)
@@ -124,6 +128,12 @@ class DFlashConfig(PretrainedConfig):
         if not isinstance(dflash_config, (dict, type(None))):
             raise ValueError(f"dflash_config must be a mapping, got {type(dflash_config).__name__}.")
         nested = dict(dflash_config or {})
+        _refuse_unsupported_options(nested)
+        is_causal = nested.get("is_causal", is_causal)
+        if is_causal is not None and not isinstance(is_causal, bool):
+            raise ValueError(f"is_causal must be true, false or absent, got {is_causal!r}.")
+        if is_causal is not None:  # absent (the class default, None): z-lab's per-layer rule; a bool: every layer
+            self.is_causal = is_causal
         mask = nested.get("mask_token_id", mask_token_id)
         taps = nested.get("target_layer_ids", target_layer_ids)
         self.num_target_layers = None if num_target_layers is None else _as_int(
@@ -234,6 +244,20 @@ def _rope_parameters(rope_parameters: Any, rope_theta: Any, rope_scaling: Any) -
     if not math.isfinite(params["rope_theta"]) or params["rope_theta"] <= 0:
         raise ValueError(f"rope_theta must be a positive finite number, got {params['rope_theta']!r}.")
     return params
+
+
+# dflash_config options of newer z-lab drafters that change what the drafter computes, with their neutral value.
+_NEUTRAL_OPTIONS = {"input_embedding_scale": 1.0, "output_multiplier": 1.0, "final_logit_softcapping": None}
+
+
+def _refuse_unsupported_options(nested: dict) -> None:
+    used = {k: nested[k] for k in _NEUTRAL_OPTIONS if k in nested and nested[k] != _NEUTRAL_OPTIONS[k]}
+    if used:
+        raise ValueError(
+            f"This drafter's dflash_config sets {used}, which dflash-hf does not implement yet; running without them "
+            "would draft from a different model. Use a drafter without these options, or remove them only if "
+            "they were set by mistake."
+        )
 
 
 def _layer_types(layer_types: Any, num_layers: int, config: DFlashConfig) -> list[str]:

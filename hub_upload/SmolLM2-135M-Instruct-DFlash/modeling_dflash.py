@@ -147,6 +147,9 @@ class DFlashAttention(nn.Module):
         self.k_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
+        # z-lab's rule: sliding layers are causal inside the block, full layers see the whole block, unless the
+        # config's ``is_causal`` says otherwise for every layer.
+        self.block_causal = is_sliding if config.is_causal is None else config.is_causal
 
     def _project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [B, S, H] -> k, v: [B, kv_heads, S, head_dim]
@@ -185,6 +188,9 @@ class DFlashAttention(nn.Module):
         v = torch.cat((v_ctx, v_blk), dim=2)
         if attention_bias is None:
             attention_bias = self._inference_bias(block_positions, context_positions, q.dtype)
+        elif self.sliding_window is not None or self.block_causal:
+            hidden = ~self._layer_visibility(block_positions, torch.cat((context_positions, block_positions), dim=1))
+            attention_bias = attention_bias.masked_fill(hidden[:, None], torch.finfo(attention_bias.dtype).min)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
@@ -224,18 +230,26 @@ class DFlashAttention(nn.Module):
     def _inference_bias(
         self, block_positions: torch.Tensor, context_positions: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """Additive mask [B, 1, Q, C+Q]: padding (position -1) is hidden; sliding layers see ``window`` back."""
+        """Additive mask [B, 1, Q, C+Q]: padding (position -1) is hidden, and this layer's rules apply."""
         has_padding = bool((context_positions < 0).any()) if context_positions.numel() else False
-        if self.sliding_window is None and not has_padding:
+        if self.sliding_window is None and not self.block_causal and not has_padding:
             return None
         key_pos = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
-        visible = (key_pos >= 0)[:, None, :].expand(-1, block_positions.shape[1], -1)
-        if self.sliding_window is not None:
-            distance = block_positions[:, :, None] - key_pos[:, None, :]  # [B, Q, C+Q]
-            visible = visible & (distance < self.sliding_window)
+        visible = (key_pos >= 0)[:, None, :] & self._layer_visibility(block_positions, key_pos)
         bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
         bias.masked_fill_(~visible, torch.finfo(dtype).min)
         return bias[:, None]
+
+    def _layer_visibility(self, block_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """[B, Q, K] keys this layer may see by position: the window on sliding layers (both ways when the block
+        is non-causal), and no later block slot on block-causal layers."""
+        distance = block_positions[:, :, None] - key_positions[:, None, :]  # [B, Q, K]
+        visible = torch.ones_like(distance, dtype=torch.bool)
+        if self.sliding_window is not None:
+            visible &= (distance if self.block_causal else distance.abs()) < self.sliding_window
+        if self.block_causal:
+            visible &= distance >= 0
+        return visible
 
 
 class DFlashMLP(nn.Module):
