@@ -143,6 +143,120 @@ def sampling_acceptance(
     return out
 
 
+def run_batch_bench(
+    target: Any,
+    tokenizer: Any,
+    drafter: Any,
+    prompts: list[str],
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+    max_new_tokens: int = 128,
+) -> dict:
+    """Plain batched ``generate`` vs batched DFlash at each batch size, alternating, on left-padded chunks of
+    ``prompts``. Every DFlash batch is compared with the plain batch, row by row."""
+    device = next(target.parameters()).device
+    base = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+
+    def left_padded(chunk: list[list[int]]) -> Any:
+        return tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt").to(device)
+
+    rows = []
+    try:
+        target.generate(**left_padded(encoded[:2]), **{**base, "max_new_tokens": 8}, assistant_model=drafter)  # warm-up
+        for size in batch_sizes:
+            totals = {"plain": [0, 0.0], "dflash": [0, 0.0]}
+            acceptance: list[int] = []
+            mismatched = 0
+            chunks = [encoded[i : i + size] for i in range(0, len(encoded) - size + 1, size)]
+            for index, chunk in enumerate(tqdm(chunks, desc=f"batch {size}", unit="batch")):
+                batch = left_padded(chunk)
+                order = ("plain", "dflash") if index % 2 == 0 else ("dflash", "plain")
+                outputs = {}
+                for method in order:
+                    extra = {"assistant_model": drafter} if method == "dflash" else {}
+                    out, seconds = _timed_generate(target, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                   **base, **extra)
+                    outputs[method] = out
+                    totals[method][0] += _new_tokens(out, batch["input_ids"].shape[1], tokenizer.eos_token_id)
+                    totals[method][1] += seconds
+                    if method == "dflash":
+                        acceptance.extend(drafter.last_stats.acceptance_lengths)
+                mismatched += int((outputs["plain"] != outputs["dflash"]).any(dim=1).sum())
+            plain_rate = totals["plain"][0] / totals["plain"][1]
+            dflash_rate = totals["dflash"][0] / totals["dflash"][1]
+            rows.append({
+                "batch_size": size,
+                "num_batches": len(chunks),
+                "plain_tokens_per_s": round(plain_rate, 3),
+                "dflash_tokens_per_s": round(dflash_rate, 3),
+                "speedup": round(dflash_rate / plain_rate, 3),
+                "mean_acceptance_length": round(sum(acceptance) / max(1, len(acceptance)), 3),
+                "mismatched_rows": mismatched,
+            })
+    finally:
+        tokenizer.padding_side = previous_side
+    return {
+        "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
+        "drafter": getattr(drafter.config, "name_or_path", "") or "drafter",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+        "max_new_tokens": max_new_tokens,
+        "num_prompts": len(prompts),
+        "transformers_version": __import__("transformers").__version__,
+        "torch_version": torch.__version__,
+        "lossless": all(row["mismatched_rows"] == 0 for row in rows),
+        "batches": rows,
+    }
+
+
+def _new_tokens(out: torch.Tensor, prompt_width: int, eos: int | None) -> int:
+    """Generated tokens of a batch, up to and including each row's EOS (the padding after it is not work)."""
+    generated = out[:, prompt_width:]
+    if eos is None:
+        return generated.numel()
+    is_eos = generated == eos
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.shape[1])
+    return int(first.sum())
+
+
+def format_batch_table(results: dict) -> str:
+    lines = [f"{'batch':>6}{'plain tok/s':>14}{'DFlash tok/s':>14}{'speedup':>10}{'accept len':>12}{'mismatches':>12}"]
+    for row in results["batches"]:
+        lines.append(f"{row['batch_size']:>6}{row['plain_tokens_per_s']:>14.2f}{row['dflash_tokens_per_s']:>14.2f}"
+                     f"{row['speedup']:>9.2f}x{row['mean_acceptance_length']:>12.2f}{row['mismatched_rows']:>12}")
+    lines.append(f"{results['num_prompts']} prompts, {results['max_new_tokens']} new tokens max, greedy, "
+                 f"{results['device']} {results['dtype']}")
+    return "\n".join(lines)
+
+
+def plot_batch_results(results: dict, path: str | Path) -> None:
+    """Throughput of plain vs DFlash against batch size, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [row["batch_size"] for row in results["batches"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(sizes, [row["plain_tokens_per_s"] for row in results["batches"]], "o-", color="#999999", label="plain")
+    ax.plot(sizes, [row["dflash_tokens_per_s"] for row in results["batches"]], "o-", color="#dd8452", label="DFlash")
+    for row in results["batches"]:
+        ax.annotate(f"{row['speedup']:.2f}x", (row["batch_size"], row["dflash_tokens_per_s"]), ha="center",
+                    va="bottom")
+    ax.set(xscale="log", xticks=sizes, xticklabels=[str(s) for s in sizes], xlabel="batch size",
+           ylabel="new tokens / s", title=f"Batched generate ({results['device']}, {results['dtype']})")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def format_table(results: dict) -> str:
     lines = [f"{'method':<24}{'tokens/s':>10}{'speedup':>10}{'accept len':>12}"]
     for method, row in results["methods"].items():
@@ -195,4 +309,7 @@ def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[
     return load_prompts(str(path or default_prompt_file()), limit=limit)
 
 
-__all__ = ["default_prompt_file", "format_table", "sampling_acceptance", "load_prompt_file", "plot_results", "run_bench", "write_outputs"]
+__all__ = [
+    "default_prompt_file", "format_batch_table", "format_table", "load_prompt_file", "plot_batch_results",
+    "plot_results", "run_batch_bench", "run_bench", "sampling_acceptance", "write_outputs",
+]

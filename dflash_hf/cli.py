@@ -91,6 +91,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype)
     prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
+    if args.batch_size:
+        return _bench_batches(args, target, tokenizer, drafter, prompts)
     results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
     if args.sampling_temperature is not None:
@@ -104,6 +106,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"sampling at temperature {args.sampling_temperature}: mean acceptance length {modes}")
     json_path, png_path = write_outputs(results, args.out)
     print(f"wrote {json_path} and {png_path}")
+    return 0 if results["lossless"] else 1
+
+
+def _bench_batches(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
+    from .bench import format_batch_table, plot_batch_results, run_batch_bench
+    from .data import atomic_write_text
+
+    if max(args.batch_size) > len(prompts):
+        raise SystemExit(f"--batch-size {max(args.batch_size)} needs at least that many prompts ({len(prompts)} given).")
+    results = run_batch_bench(target, tokenizer, drafter, prompts, tuple(args.batch_size), args.max_new_tokens)
+    results["command"] = "dflash-hf " + " ".join(args.argv)
+    print(format_batch_table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench_batch.json", json.dumps(results, indent=2) + "\n")
+    plot_batch_results(results, out / "bench_batch.png")
+    print(f"wrote {out / 'bench_batch.json'} and {out / 'bench_batch.png'}")
     return 0 if results["lossless"] else 1
 
 
@@ -191,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=int)
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--batch-size", type=int, nargs="+", metavar="N",
+                       help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
     bench.add_argument("--sampling-temperature", type=float,
                        help="also measure the acceptance of strict vs ratio sampling at this temperature")
     bench.set_defaults(func=cmd_bench)

@@ -67,6 +67,17 @@ def test_cli_demo(capsys):
     assert "mean acceptance length" in out and "identical to plain     : True" in out
 
 
+def test_cli_batched_bench(tmp_path, capsys):
+    """Batched DFlash on the default pair: left-padded chat prompts, compared row by row with plain batched generate."""
+    assert cli_main(["bench", "--batch-size", "1", "3", "--num-prompts", "3", "--max-new-tokens", "12",
+                     "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench_batch.json").read_text())
+    assert results["lossless"] and [row["batch_size"] for row in results["batches"]] == [1, 3]
+    assert all(row["dflash_tokens_per_s"] > 0 and row["mean_acceptance_length"] >= 1 for row in results["batches"])
+    assert (tmp_path / "bench_batch.png").stat().st_size > 1000
+    assert "speedup" in capsys.readouterr().out
+
+
 def run_example(*args: str, stdin: str | None = None, timeout: int = 600) -> str:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=OFFLINE_ENV, input=stdin, capture_output=True,
                             text=True, timeout=timeout)
