@@ -156,9 +156,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         known = set(prompts)
         prompts += [p for p in fresh if p not in known][: args.num_prompts - len(prompts)]
         atomic_write_text(prompt_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    gen_drafter = None
+    if args.gen_drafter:  # regenerate with batched DFlash: same responses, fewer target forwards
+        gen_drafter = DFlashDraftModel.from_pretrained(args.gen_drafter, dtype=target.dtype).to(target.device).eval()
+        validate_pair(target, gen_drafter)
     regenerate(target, tokenizer, prompts, out / "data", max_new_tokens=args.max_new_tokens,
                temperature=args.temperature, batch_size=args.gen_batch_size,
-               openai_base_url=args.openai_base_url, openai_model=args.openai_model)
+               openai_base_url=args.openai_base_url, openai_model=args.openai_model, assistant_model=gen_drafter)
     # Stage 2: the drafter's shape decides which layers to tap; features are cached for those.
     if args.init_from:  # warm start: continue from a trained drafter (its shape and taps win)
         drafter = DFlashDraftModel.from_pretrained(args.init_from, dtype=torch.float32)
@@ -224,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-new-tokens", type=int, default=192)
     train.add_argument("--temperature", type=float, default=0.0, help="response sampling temperature (0 = greedy)")
     train.add_argument("--gen-batch-size", type=int, default=32)
+    train.add_argument("--gen-drafter", help="a DFlash drafter of the target: regenerate responses with batched DFlash")
     train.add_argument("--openai-base-url", help="regenerate through an OpenAI-compatible server instead")
     train.add_argument("--openai-model")
     train.add_argument("--num-layers", type=int, default=2)

@@ -155,8 +155,13 @@ def generate_responses(
     temperature: float = 0.0,
     batch_size: int = 16,
     seed: int = 0,
+    assistant_model: Any = None,
 ) -> Iterator[dict]:
-    """Yield one record per prompt with the target's own response (greedy when ``temperature`` is 0)."""
+    """Yield one record per prompt with the target's own response (greedy when ``temperature`` is 0).
+
+    ``assistant_model``: a DFlash drafter of this target, to regenerate with batched DFlash (the same greedy
+    responses, or responses with the same distribution when sampling, sooner).
+    """
     eos = _eos_ids(target, tokenizer)
     pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     for first in range(0, len(prompts), batch_size):
@@ -167,7 +172,8 @@ def generate_responses(
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=target.device)
         sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         torch.manual_seed(seed + first)
-        out = target.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                              assistant_model=assistant_model, **sampling)
         for prompt, prompt_ids, row in zip(batch_prompts, encoded, out[:, width:].tolist()):
             stop = next((i for i, t in enumerate(row) if t in eos), None)
             response = row if stop is None else row[: stop + 1]
@@ -241,6 +247,7 @@ def regenerate(
     batch_size: int = 16,
     openai_base_url: str | None = None,
     openai_model: str | None = None,
+    assistant_model: Any = None,
 ) -> int:
     """Stage 1 of training: write the target's responses to ``prompts`` as JSONL shards; resumes."""
     out_dir = Path(out_dir)
@@ -251,7 +258,8 @@ def regenerate(
     if openai_base_url:
         records = openai_responses(openai_base_url, openai_model or "default", tokenizer, remaining, max_new_tokens, temperature)
     else:
-        records = generate_responses(target, tokenizer, remaining, max_new_tokens, temperature, batch_size)
+        records = generate_responses(target, tokenizer, remaining, max_new_tokens, temperature, batch_size,
+                                     assistant_model=assistant_model)
     records = tqdm(records, total=len(remaining), desc="target responses", unit="seq")
     return write_shards(records, out_dir, shard_size, skip_shards=done_shards)
 

@@ -45,6 +45,18 @@ def test_default_drafter_gets_drafts_accepted(pair):
     assert drafter.last_stats.mean_acceptance_length > 1.15
 
 
+def test_regeneration_with_batched_dflash_writes_the_same_responses(pair):
+    from dflash_hf.data import generate_responses
+
+    target, tokenizer, drafter = pair
+    prompts = ["Name a fruit.", "Write one sentence about the moon.", "What is 2 + 2?"]
+    plain = list(generate_responses(target, tokenizer, prompts, max_new_tokens=16, batch_size=3))
+    fast = list(generate_responses(target, tokenizer, prompts, max_new_tokens=16, batch_size=3,
+                                   assistant_model=drafter))
+    assert fast == plain
+    assert len(drafter.last_stats.rows) == 3
+
+
 def test_converted_target_is_cached_as_safetensors():
     folder = converted_target_dir()
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
