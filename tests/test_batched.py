@@ -218,3 +218,30 @@ def test_right_padded_batch_is_refused():
     ids, mask = left_pad(prompts())
     with pytest.raises(ValueError, match="left padding"):
         target.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4, assistant_model=make_drafter(target))
+
+
+def test_interrupted_batch_leaves_the_target_clean():
+    """An exception from a logits processor mid-batch: no hooks left behind, and plain generate afterwards is
+    unaffected."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from dflash_hf.generation_dflash import target_decoder_layers
+
+    class FailLate(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            FailLate.calls += 1
+            if FailLate.calls > 12:
+                raise KeyboardInterrupt
+            return scores
+
+    target = make_target("qwen3")
+    ids, mask = left_pad(prompts())
+    before = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    with pytest.raises(KeyboardInterrupt):
+        target.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, assistant_model=make_drafter(target),
+                        logits_processor=LogitsProcessorList([FailLate()]))
+    assert FailLate.calls > 12
+    assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
+    assert torch.equal(target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), before)
