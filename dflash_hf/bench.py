@@ -24,8 +24,78 @@ from .data import atomic_write_text, chat_prompt_ids, load_prompts
 METHOD_LABELS = {
     "plain": "plain generate",
     "dflash": "DFlash",
+    "transformers_dflash": "transformers' DFlash",
     "prompt_lookup": "prompt lookup (n=10)",
 }
+
+
+def transformers_has_dflash() -> bool:
+    """Whether the installed transformers has its own ``speculation_type="dflash"`` path (5.15 and later)."""
+    try:
+        from transformers.generation.candidate_generator import DFlashTokenCandidateGenerator  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TransformersDFlashAdapter(torch.nn.Module):
+    """Lets transformers' own DFlash candidate generator drive our drafter, for a side-by-side benchmark.
+
+    That generator calls ``assistant(noise_embeds=, context_hidden_states=, position_ids=, attention_mask=,
+    cache=|past_key_values=)`` with the context of the newly accepted positions followed by the block, and reads
+    ``last_hidden_state``. We run our drafter on its own draft cache and keep transformers' cache (which it crops
+    by one block per step) at the length it expects with 1-element stubs. The adapter carries no DFlash marker, so
+    our generate patch leaves it to transformers.
+    """
+
+    def __init__(self, drafter: Any) -> None:
+        import copy
+
+        from .modeling_dflash import DraftCache
+
+        super().__init__()
+        self.drafter = drafter
+        self.config = copy.copy(drafter.config)
+        del self.config.dflash_config  # read as a raw DFlash checkpoint otherwise (see the generate patch)
+        self.generation_config = None
+        self._cache_type = DraftCache
+        self.draft_cache = DraftCache()
+
+    @property
+    def device(self) -> torch.device:
+        return self.drafter.fc.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.drafter.fc.weight.dtype
+
+    def reset(self) -> None:
+        self.draft_cache = self._cache_type()
+
+    def forward(self, noise_embeds, context_hidden_states, position_ids, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        cache = cache if cache is not None else past_key_values
+        num_context = context_hidden_states.shape[1]  # position_ids: [1, context + block]
+        hidden = self.drafter(noise_embeds, context_hidden_states, position_ids[:, num_context:],
+                              position_ids[:, :num_context], cache=self.draft_cache)
+        if cache is not None:
+            stub = hidden.new_zeros(1, 1, position_ids.shape[1], 1)
+            for layer in range(self.config.num_hidden_layers):
+                cache.update(stub, stub, layer)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+class _ForwardCounter:
+    """Counts target forwards (for the acceptance length of loops that do not report it)."""
+
+    def __init__(self, target: Any) -> None:
+        self.count = 0
+        self.handle = target.register_forward_pre_hook(self._count)
+
+    def _count(self, *args: Any) -> None:
+        self.count += 1
 
 
 def default_prompt_file() -> Path:
@@ -49,36 +119,58 @@ def run_bench(
     drafter: Any,
     prompts: list[str],
     max_new_tokens: int = 128,
-    methods: tuple[str, ...] = ("plain", "dflash", "prompt_lookup"),
+    methods: tuple[str, ...] | None = None,
     warmup: bool = True,
 ) -> dict:
-    """Time every method on every prompt (alternating order); returns the results dict (JSON-ready)."""
+    """Time every method on every prompt (alternating order); returns the results dict (JSON-ready).
+
+    Methods: plain greedy, our DFlash loop, transformers' own DFlash path driving the same drafter (when the
+    installed transformers has one) and prompt-lookup decoding.
+    """
+    if methods is None:
+        methods = ("plain", "dflash", "transformers_dflash", "prompt_lookup") if transformers_has_dflash() else (
+            "plain", "dflash", "prompt_lookup")
     device = next(target.parameters()).device
     base = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    adapter = TransformersDFlashAdapter(drafter) if "transformers_dflash" in methods else None
     per_method = {
         "plain": {},
         "dflash": {"assistant_model": drafter},
+        "transformers_dflash": {"assistant_model": adapter, "speculation_type": "dflash"},
         "prompt_lookup": {"prompt_lookup_num_tokens": 10},
     }
     encoded = [torch.tensor([chat_prompt_ids(tokenizer, p)], device=device) for p in prompts]
     if warmup:
         for method in methods:
+            if adapter is not None:
+                adapter.reset()
             target.generate(encoded[0], **{**base, "max_new_tokens": 8}, **per_method[method])
     totals = {m: {"tokens": 0, "seconds": 0.0} for m in methods}
     acceptance: list[int] = []
+    transformers_steps = [0, 0]  # tokens after the first, verify forwards
     mismatches: dict[str, list[int]] = {m: [] for m in methods if m != "plain"}
     per_prompt = []
     for index, ids in enumerate(tqdm(encoded, desc="bench", unit="prompt")):
         order = list(methods) if index % 2 == 0 else list(reversed(methods))
         outputs = {}
         for method in order:
-            out, seconds = _timed_generate(target, ids, **base, **per_method[method])
+            counter = _ForwardCounter(target) if method == "transformers_dflash" else None
+            if adapter is not None:
+                adapter.reset()
+            try:
+                out, seconds = _timed_generate(target, ids, **base, **per_method[method])
+            finally:
+                if counter is not None:
+                    counter.handle.remove()
             outputs[method] = out
             new = out.shape[1] - ids.shape[1]
             totals[method]["tokens"] += new
             totals[method]["seconds"] += seconds
             if method == "dflash":
                 acceptance.extend(drafter.last_stats.acceptance_lengths)
+            if counter is not None:  # the prefill commits one token; every later forward verifies a block
+                transformers_steps[0] += new - 1
+                transformers_steps[1] += counter.count - 1
         row = {"prompt": prompts[index], "new_tokens": int(outputs["plain"].shape[1] - ids.shape[1])}
         for method in mismatches:
             same = torch.equal(outputs[method], outputs["plain"])
@@ -98,6 +190,8 @@ def run_bench(
             if method == "dflash" and acceptance
             else None,
         }
+    if "transformers_dflash" in results and transformers_steps[1] > 0:
+        results["transformers_dflash"]["mean_acceptance_length"] = round(transformers_steps[0] / transformers_steps[1], 3)
     return {
         "command": " ".join(["dflash-hf", *sys.argv[1:]]) if Path(sys.argv[0]).name == "dflash-hf" else None,
         "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
@@ -282,7 +376,9 @@ def plot_results(results: dict, path: str | Path) -> None:
     left.set(title=f"DFlash acceptance length per verify step (mean {tau:.2f})", xlabel="tokens committed per target forward", ylabel="steps")
     names = list(results["methods"])
     rates = [results["methods"][m]["tokens_per_s"] for m in names]
-    bars = right.bar([METHOD_LABELS.get(m, m) for m in names], rates, color=["#999999", "#dd8452", "#55a868"][: len(names)])
+    palette = {"plain": "#999999", "dflash": "#dd8452", "transformers_dflash": "#c44e52", "prompt_lookup": "#55a868"}
+    bars = right.bar([METHOD_LABELS.get(m, m) for m in names], rates, color=[palette.get(m, "#4c72b0") for m in names])
+    right.tick_params(axis="x", labelrotation=15)
     for bar, m in zip(bars, names):
         right.annotate(f"{results['methods'][m]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                        ha="center", va="bottom")
@@ -310,6 +406,6 @@ def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[
 
 
 __all__ = [
-    "default_prompt_file", "format_batch_table", "format_table", "load_prompt_file", "plot_batch_results",
-    "plot_results", "run_batch_bench", "run_bench", "sampling_acceptance", "write_outputs",
+    "TransformersDFlashAdapter", "default_prompt_file", "format_batch_table", "format_table", "load_prompt_file", "plot_batch_results",
+    "plot_results", "run_batch_bench", "run_bench", "sampling_acceptance", "transformers_has_dflash", "write_outputs",
 ]
