@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import atomic_write_text, load_prompts, magpie_prompts, read_jsonl, regenerate
     from .generation_dflash import validate_pair
     from .modeling_dflash import DFlashDraftModel
-    from .training import FeatureDataset, TrainConfig, extract_features, train_drafter
+    from .training import FeatureDataset, TrainConfig, extract_features, summarize_run, train_drafter
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.gen_drafter:  # regenerate with batched DFlash: same responses, fewer target forwards
         gen_drafter = DFlashDraftModel.from_pretrained(args.gen_drafter, dtype=target.dtype).to(target.device).eval()
         validate_pair(target, gen_drafter)
+    timings = {}
+    started = time.perf_counter()
     regenerate(target, tokenizer, prompts, out / "data", max_new_tokens=args.max_new_tokens,
                temperature=args.temperature, batch_size=args.gen_batch_size,
                openai_base_url=args.openai_base_url, openai_model=args.openai_model, assistant_model=gen_drafter)
@@ -172,15 +174,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
             mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
         ).float()
+    timings["data"] = time.perf_counter() - started
+    started = time.perf_counter()
     extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
+    timings["features"] = time.perf_counter() - started
     # Stage 3: training (resumes from the newest checkpoint unless --no-resume).
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, num_anchors=args.num_anchors, lr=args.lr,
                          seed=args.seed, save_every=args.save_every)
+    started = time.perf_counter()
     train_drafter(drafter, target, FeatureDataset(out / "features"), out / "checkpoints", config,
                   resume=not args.no_resume)
+    timings["training"] = time.perf_counter() - started
     drafter.config.name_or_path = f"{Path(args.out).name}"
     drafter.save_pretrained(out / "drafter")
-    print(f"drafter saved to {out / 'drafter'}")
+    # Wall times of this invocation (a resumed run counts only what it redid).
+    atomic_write_text(out / "timings.json", json.dumps(timings))
+    atomic_write_text(out / "training.json", json.dumps(summarize_run(out), indent=2, ensure_ascii=False) + "\n")
+    print(f"drafter saved to {out / 'drafter'}; recipe in {out / 'training.json'} (dflash-hf export --training-json)")
     return 0
 
 

@@ -638,6 +638,7 @@ def add_cli(subparsers: Any) -> None:
     export.add_argument("out_dir", help="folder to write (replaced atomically if it holds an earlier export)")
     export.add_argument("--base-model", required=True, help="Hub id of the target model, e.g. Qwen/Qwen3-8B")
     export.add_argument("--bench-json", help="results JSON of `dflash-hf bench` for the card's results table")
+    export.add_argument("--training-json", help="training.json written by `dflash-hf train`, for the card's recipe")
     export.add_argument("--license", default="apache-2.0")
     export.add_argument("--model-name", help="card title; give the Hub id (org/name) for copy-paste snippets")
     export.set_defaults(func=_cmd_export)
@@ -667,8 +668,9 @@ def _cli_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 
 @_cli_errors
 def _cmd_export(args: argparse.Namespace) -> int:
+    training = json.loads(Path(args.training_json).read_text(encoding="utf-8")) if args.training_json else None
     out = export_drafter(args.checkpoint, args.out_dir, base_model=args.base_model, bench_json=args.bench_json,
-                         license=args.license, model_name=args.model_name)
+                         license=args.license, model_name=args.model_name, training_summary=training)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"exported DFlash drafter to {out}")
     print(f"  block size {config['block_size']}, {config['num_hidden_layers']} layer(s), "

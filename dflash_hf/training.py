@@ -243,8 +243,6 @@ def train_drafter(
             f"Features were extracted at layers {dataset.layer_ids} but the drafter taps "
             f"{drafter.config.target_layer_ids}; re-extract features or build the drafter with those ids."
         )
-    if "sliding_attention" in drafter.config.layer_types:
-        raise ValueError("Training drafters with sliding-window layers is not supported yet; use full attention.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -316,6 +314,36 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, config: TrainCo
             shutil.rmtree(old, ignore_errors=True)
 
 
+def summarize_run(run_dir: str | os.PathLike) -> dict:
+    """The recipe of a ``dflash-hf train`` run folder, read from what the run wrote (for the model card)."""
+    from .data import read_jsonl
+
+    run_dir = Path(run_dir)
+    records = load_records(run_dir / "data")
+    response_tokens = sum(len(r["input_ids"]) - r["prompt_len"] for r in records)
+    progress = json.loads((_latest_checkpoint(run_dir / "checkpoints") / "progress.json").read_text())
+    config = progress["config"]
+    drafter_config = json.loads((run_dir / "drafter" / "config.json").read_text())
+    summary = {
+        "prompts": len(read_jsonl(run_dir / "prompts.jsonl")),
+        "sequences (prompt + the target's own response)": len(records),
+        "response tokens written by the target": response_tokens,
+        "drafter layers": drafter_config["num_hidden_layers"],
+        "block size": drafter_config["block_size"],
+        "target layers tapped": drafter_config["dflash_config"]["target_layer_ids"],
+        "steps × sequences per step × anchors per sequence": (
+            f"{progress['step']} × {config['batch_size']} × {config['num_anchors']}"
+        ),
+        "learning rate (AdamW, warmup + cosine)": config["lr"],
+    }
+    timings = run_dir / "timings.json"
+    if timings.exists():
+        # Of the last `dflash-hf train` invocation only: a resumed run does not redo finished stages.
+        summary.update({f"wall time of the last invocation: {k}": f"{v / 60:.1f} min"
+                        for k, v in json.loads(timings.read_text()).items()})
+    return summary
+
+
 def _append_history(path: Path, rows: list[dict]) -> None:
     previous = path.read_text() if path.exists() else ""
     atomic_write_text(path, previous + "".join(json.dumps(r) + "\n" for r in rows))
@@ -329,5 +357,6 @@ __all__ = [
     "extract_features",
     "loss_weights",
     "sample_anchors",
+    "summarize_run",
     "train_drafter",
 ]

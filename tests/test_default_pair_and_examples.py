@@ -118,6 +118,10 @@ def test_example_train_then_publish_dry_run(tmp_path):
                 "--max-new-tokens", "12", "--steps", "3", "--num-layers", "1", "--gen-batch-size", "3",
                 "--num-anchors", "4", "--save-every", "2")
     assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()
+    recipe = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert recipe["prompts"] == 3 and recipe["drafter layers"] == 1
+    assert recipe["steps × sequences per step × anchors per sequence"].startswith("3 × ")
+    assert recipe["response tokens written by the target"] > 0
     out = run_example("examples/publish_drafter.py", str(tmp_path / "run" / "drafter"), str(tmp_path / "export"),
                       "--repo-id", "someone/tiny-dflash", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "would upload" in out and "model.safetensors" in out

@@ -147,3 +147,11 @@ def test_hybrid_sampling_matches_plain_sampling_distribution(scripted, mode):
         rollbacks += drafter.last_stats.num_rollback_forwards
     assert 0 < accepted < SMALL_CHI_SQUARE_SAMPLES * 2 and rollbacks > 0
     assert chi_square_p_value(counts, expected) > 1e-3, (counts, expected)
+
+
+def test_batched_generation_on_a_hybrid_target_is_refused_clearly():
+    target = make_hybrid("qwen3_5")
+    drafter = DFlashDraftModel.from_target(target, num_hidden_layers=1, block_size=4).double()
+    ids = torch.randint(0, HYBRID_VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="linear-attention"):
+        target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, assistant_model=drafter)
