@@ -155,3 +155,20 @@ def test_batched_generation_on_a_hybrid_target_is_refused_clearly():
     ids = torch.randint(0, HYBRID_VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="linear-attention"):
         target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, assistant_model=drafter)
+
+
+def test_rollback_cost_benchmark_runs():
+    """benchmarks/rollback_cost.py (the README's rollback numbers) runs and finds rollbacks on the hybrid only."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "rollback_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "24", "--repeats", "1"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    twin = re.search(r"attention-only twin.*\((\d+) re-runs", result.stdout)
+    hybrid = re.search(r"hybrid \(qwen3_5\).*\((\d+) re-runs", result.stdout)
+    assert twin and int(twin.group(1)) == 0
+    assert hybrid and int(hybrid.group(1)) > 0
