@@ -10,12 +10,15 @@ from dflash_hf.hub import check_serving_contract, export_drafter
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash"
 BENCH = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash.bench.json"
+TRAINING = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash.training.json"
 
 
 def test_shipped_folder_is_what_export_produces(tmp_path):
     bench = json.loads(BENCH.read_text())
+    training = json.loads(TRAINING.read_text()) if TRAINING.exists() else None
     rebuilt = export_drafter(SHIPPED, tmp_path / "rebuilt", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-                             bench_json=BENCH, model_name="dflash-hf/SmolLM2-135M-Instruct-DFlash")
+                             bench_json=BENCH, model_name="dflash-hf/SmolLM2-135M-Instruct-DFlash",
+                             training_summary=training)
     shipped = sorted(p.name for p in SHIPPED.iterdir() if not p.name.startswith((".", "__")))
     assert sorted(p.name for p in rebuilt.iterdir()) == shipped
     for name in shipped:
