@@ -194,22 +194,29 @@ def run_bench(
         results["transformers_dflash"]["mean_acceptance_length"] = round(transformers_steps[0] / transformers_steps[1], 3)
     return {
         "command": " ".join(["dflash-hf", *sys.argv[1:]]) if Path(sys.argv[0]).name == "dflash-hf" else None,
-        "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
-        "drafter": getattr(drafter.config, "name_or_path", "") or "drafter",
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
-        "max_new_tokens": max_new_tokens,
-        "num_prompts": len(prompts),
-        "transformers_version": __import__("transformers").__version__,
-        "torch_version": torch.__version__,
+        **_run_facts(target, drafter, max_new_tokens, len(prompts)),
         "lossless": not any(mismatches.values()),
         "mismatched_prompts": mismatches,
         "methods": results,
         "acceptance_histogram": dict(sorted(Counter(acceptance).items())),
         "block_size": drafter.config.block_size,
         "per_prompt": per_prompt,
+    }
+
+
+def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int) -> dict:
+    """What a benchmark ran on: models, machine, precision, lengths and library versions."""
+    return {
+        "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
+        "drafter": getattr(drafter.config, "name_or_path", "") or "drafter",
+        "device": str(next(target.parameters()).device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+        "max_new_tokens": max_new_tokens,
+        "num_prompts": num_prompts,
+        "transformers_version": __import__("transformers").__version__,
+        "torch_version": torch.__version__,
     }
 
 
@@ -292,15 +299,7 @@ def run_batch_bench(
     finally:
         tokenizer.padding_side = previous_side
     return {
-        "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
-        "drafter": getattr(drafter.config, "name_or_path", "") or "drafter",
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
-        "max_new_tokens": max_new_tokens,
-        "num_prompts": len(prompts),
-        "transformers_version": __import__("transformers").__version__,
-        "torch_version": torch.__version__,
+        **_run_facts(target, drafter, max_new_tokens, len(prompts)),
         "lossless": all(row["mismatched_rows"] == 0 for row in rows),
         "batches": rows,
     }

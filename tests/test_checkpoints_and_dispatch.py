@@ -57,7 +57,8 @@ def zlab_config(num_layers: int = 2) -> dict:
     }
 
 
-def zlab_tensors(num_layers: int = 2) -> dict:
+def zlab_tensors(num_layers: int = 2, scale: float = 0.1) -> dict:
+    """Random weights under z-lab's tensor names for a hidden-32, 4-head (2 KV), 2-tap drafter."""
     g = torch.Generator().manual_seed(0)
     shapes = {"fc.weight": (32, 64), "hidden_norm.weight": (32,), "norm.weight": (32,)}
     for i in range(num_layers):
@@ -70,7 +71,7 @@ def zlab_tensors(num_layers: int = 2) -> dict:
             p + "mlp.down_proj.weight": (32, 64),
             p + "input_layernorm.weight": (32,), p + "post_attention_layernorm.weight": (32,),
         })
-    return {name: torch.randn(shape, generator=g) * 0.1 + (1.0 if len(shape) == 1 else 0.0)
+    return {name: torch.randn(shape, generator=g) * scale + (1.0 if len(shape) == 1 else 0.0)
             for name, shape in shapes.items()}
 
 

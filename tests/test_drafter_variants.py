@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import COMMON, VOCAB, Script, make_target
 from safetensors.torch import save_file
+from test_checkpoints_and_dispatch import zlab_tensors
 from test_hybrid_targets import make_hybrid
 from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
 
@@ -279,20 +280,7 @@ def qwen35_zlab_config(mask_token_id: int = QWEN35_MASK) -> dict:
 def write_zlab_drafter(folder, config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
-    g = torch.Generator().manual_seed(0)
-    shapes = {"fc.weight": (32, 64), "hidden_norm.weight": (32,), "norm.weight": (32,)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (32, 32), p + "self_attn.k_proj.weight": (16, 32),
-            p + "self_attn.v_proj.weight": (16, 32), p + "self_attn.o_proj.weight": (32, 32),
-            p + "self_attn.q_norm.weight": (8,), p + "self_attn.k_norm.weight": (8,),
-            p + "mlp.gate_proj.weight": (64, 32), p + "mlp.up_proj.weight": (64, 32),
-            p + "mlp.down_proj.weight": (32, 64),
-            p + "input_layernorm.weight": (32,), p + "post_attention_layernorm.weight": (32,),
-        })
-    tensors = {name: (torch.randn(shape, generator=g) * 0.3 + (1.0 if len(shape) == 1 else 0.0)).to(torch.bfloat16)
-               for name, shape in shapes.items()}
+    tensors = {name: t.to(torch.bfloat16) for name, t in zlab_tensors(config["num_hidden_layers"], scale=0.3).items()}
     save_file(tensors, str(folder / "model.safetensors"))
 
 
