@@ -31,11 +31,9 @@ METHOD_LABELS = {
 
 def transformers_has_dflash() -> bool:
     """Whether the installed transformers has its own ``speculation_type="dflash"`` path (5.15 and later)."""
-    try:
-        from transformers.generation.candidate_generator import DFlashTokenCandidateGenerator  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from transformers.generation import candidate_generator
+
+    return hasattr(candidate_generator, "DFlashTokenCandidateGenerator")
 
 
 class TransformersDFlashAdapter(torch.nn.Module):

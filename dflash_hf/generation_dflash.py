@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import VOCAB, make_drafter, make_target
 from safetensors.torch import save_file
-from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModel
 from transformers.generation.utils import GenerationMixin
 
 import dflash_hf
@@ -213,3 +213,32 @@ def test_checkpoint_loaded_without_remote_code_is_refused(tmp_path):
     assert not getattr(plain_qwen3, "is_dflash_drafter", False)  # model_type qwen3 builds a Qwen3Model silently
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=plain_qwen3)
+
+
+PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_dflash.py", "transformers_compat.py")
+# What remote code may import: the libraries it runs on, and standard modules that neither reach the network nor
+# start processes. Relative imports (its own files) are always fine.
+ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "dataclasses", "functools", "importlib", "inspect", "math",
+                   "pathlib", "time", "typing"}
+# (os, shutil, subprocess, socket and urllib cannot be imported at all, so their calls need no listing.)
+FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "write_text", "write_bytes", "mkdir", "touch"}
+
+
+def test_remote_code_only_models_and_generates(tmp_path):
+    """The files a drafter carries for trust_remote_code: no network, no processes, no file writes."""
+    import ast
+
+    make_drafter(make_target("qwen3")).save_pretrained(tmp_path)
+    for name in PORTABLE_FILES:
+        tree = ast.parse((tmp_path / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = set() if node.level else {node.module.split(".")[0]}
+            else:
+                roots = set()
+            assert roots <= ALLOWED_IMPORTS, f"{name} imports {roots - ALLOWED_IMPORTS}"
+            if isinstance(node, ast.Call):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                assert called not in FORBIDDEN_CALLS, f"{name}:{node.lineno} calls {called}"

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import SMALL_CHI_SQUARE_SAMPLES, VOCAB, chi_square_p_value, exact_pair_law, make_drafter, make_target
 from transformers import MistralConfig, MistralForCausalLM
 
-import dflash_hf
 from dflash_hf import DFlashConfig, DFlashDraftModel
 
 

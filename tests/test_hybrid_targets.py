@@ -7,7 +7,6 @@ import torch
 import transformers
 from conftest import SMALL_CHI_SQUARE_SAMPLES, exact_pair_law, chi_square_p_value
 
-import dflash_hf
 from dflash_hf import DFlashDraftModel
 
 HYBRID_VOCAB = 128
