@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import atomic_write_text, chat_prompt_ids, load_prompts
+from .generation_dflash import max_drafts_per_step
 
 METHOD_LABELS = {
     "plain": "plain generate",
@@ -212,6 +213,7 @@ def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int)
         "threads": torch.get_num_threads(),
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
+        "drafts_per_step": max_drafts_per_step(drafter),
         "num_prompts": num_prompts,
         "transformers_version": __import__("transformers").__version__,
         "torch_version": torch.__version__,

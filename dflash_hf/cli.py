@@ -90,6 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, load_prompt_file, run_bench, sampling_acceptance, write_outputs
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype)
+    drafter.num_speculative_tokens = args.num_speculative_tokens
     prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
     if args.batch_size:
         return _bench_batches(args, target, tokenizer, drafter, prompts)
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=int)
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                       help="verify K drafts per step instead of all block_size - 1")
     bench.add_argument("--batch-size", type=int, nargs="+", metavar="N",
                        help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
     bench.add_argument("--sampling-temperature", type=float,

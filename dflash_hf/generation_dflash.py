@@ -170,6 +170,20 @@ def validate_pair(target: nn.Module, drafter: nn.Module) -> None:
         )
 
 
+def max_drafts_per_step(drafter: nn.Module) -> int:
+    """Drafts verified per step: ``drafter.num_speculative_tokens`` (1 … block_size - 1), else block_size - 1."""
+    most = drafter.config.block_size - 1
+    wanted = getattr(drafter, "num_speculative_tokens", None)
+    if wanted is None:
+        return most
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= most:
+        raise ValueError(
+            f"drafter.num_speculative_tokens must be an int from 1 to block_size - 1 = {most} (or None for all), "
+            f"got {wanted!r}."
+        )
+    return wanted
+
+
 def is_dflash_drafter(model: Any) -> bool:
     return bool(getattr(model, "is_dflash_drafter", False)) and callable(getattr(model, "_dflash_decode", None))
 
@@ -237,6 +251,7 @@ class DraftSession:
         self.mask_token_id = drafter.config.mask_token_id
         self.device = drafter.fc.weight.device
         self.cache = DraftCache()
+        self.max_drafts = max_drafts_per_step(drafter)
 
     @torch.no_grad()
     def propose(
@@ -250,7 +265,8 @@ class DraftSession:
 
         anchor: [R] token ids opening the block; anchor_position: [R] their positions.
         context_taps: [R, C, K*H] taps of committed positions not yet in the draft cache; context_positions: [R, C].
-        Returns [R, B-1, V] logits from the target's LM head.
+        Returns [R, n, V] logits from the target's LM head, n = ``max_drafts`` (B-1 unless the drafter's
+        ``num_speculative_tokens`` asks for fewer).
         """
         rows = anchor.shape[0]
         block = torch.full((rows, self.block_size), self.mask_token_id, dtype=torch.long, device=anchor.device)
@@ -266,7 +282,8 @@ class DraftSession:
             cache=self.cache,
         )
         head_weight = self.lm_head.weight
-        return self.lm_head(hidden[:, 1:].to(device=head_weight.device, dtype=head_weight.dtype))
+        drafted = hidden[:, 1 : 1 + self.max_drafts]  # only the slots that will be verified go through the LM head
+        return self.lm_head(drafted.to(device=head_weight.device, dtype=head_weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -551,7 +568,7 @@ def run_dflash_decoding(
         while not done:
             t0 = time.perf_counter()
             # Never draft past max_length: the last step may verify fewer than B-1 drafts.
-            num_drafts = max(0, min(session.block_size - 1, generation_config.max_length - input_ids.shape[1] - 1))
+            num_drafts = max(0, min(session.max_drafts, generation_config.max_length - input_ids.shape[1] - 1))
             draft_logits = session.propose(input_ids[:, -1], positions[:, -1], context, context_positions)
             draft_scores = None
             if verifier.samples_drafts:
@@ -725,7 +742,7 @@ def run_batched_dflash_decoding(
             t0 = time.perf_counter()
             cur_len = torch.tensor([sequences[r].shape[1] for r in live.tolist()], device=device)
             # Never draft past max_length: a row near its end verifies fewer drafts (its extra slots are holes).
-            num_drafts = (generation_config.max_length - cur_len - 1).clamp(min=0, max=block_size - 1)
+            num_drafts = (generation_config.max_length - cur_len - 1).clamp(min=0, max=session.max_drafts)
             width = int(num_drafts.max())
             anchor_positions = real_len.to(session.device)
             draft_logits = session.propose(next_token, anchor_positions, context, context_positions)
@@ -863,7 +880,7 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.context_len = cur_len - 1
         anchor_position = torch.tensor([cur_len - 1], device=input_ids.device)
         draft_logits = self.session.propose(input_ids[:, -1], anchor_position, context, context_positions)
-        budget = self.drafter.config.block_size - 1
+        budget = self.session.max_drafts
         if self.max_length is not None:
             budget = min(budget, self.max_length - cur_len - 1)
         drafts = draft_logits[:, : max(budget, 0)].argmax(dim=-1).to(input_ids.device)

@@ -322,6 +322,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         # Lossless sampling rule when do_sample=True: "strict" (sample the target at every slot, accept while it
         # equals the draft) or "ratio" (speculative sampling with the drafter's distribution; needs dflash_hf).
         self.sampling_mode = "strict"
+        # Drafts verified per step: None = all block_size - 1 slots. Fewer makes each step cheaper (the LM head
+        # and the verify forward shrink) at the cost of a shorter maximum acceptance; useful for weak drafters.
+        self.num_speculative_tokens: int | None = None
         self.post_init()
 
     @classmethod

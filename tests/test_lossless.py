@@ -218,3 +218,27 @@ def test_hooks_removed_when_generation_raises():
     assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
     fresh = make_target("qwen3")
     assert torch.equal(target.generate(prompt, max_new_tokens=10), fresh.generate(prompt, max_new_tokens=10))
+
+
+@pytest.mark.parametrize("loop", ["dflash", "transformers"])
+def test_fewer_speculative_tokens_per_step(scripted, loop):
+    """num_speculative_tokens=3 on a block-8 drafter: every step verifies 3 drafts, so a perfect drafter commits 4."""
+    target = make_target("qwen3")
+    drafter = make_drafter(target, block_size=8)
+    drafter.num_speculative_tokens = 3
+    drafter.generation_loop = loop
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(8))
+    plain = target.generate(prompt, max_new_tokens=17, do_sample=False)
+    scripted(plain, [None, 2, None, None, None])
+    fast = target.generate(prompt, max_new_tokens=17, do_sample=False, assistant_model=drafter)
+    assert torch.equal(plain, fast)
+    assert drafter.last_stats.acceptance_lengths == [4, 2, 4, 4, 2]  # 1 + 16 tokens; the last step is capped
+
+
+@pytest.mark.parametrize("bad", [0, 8, 2.5, True])
+def test_impossible_num_speculative_tokens_is_refused(bad):
+    target = make_target("qwen3")
+    drafter = make_drafter(target, block_size=8)
+    drafter.num_speculative_tokens = bad
+    with pytest.raises(ValueError, match="num_speculative_tokens must be an int from 1 to block_size - 1 = 7"):
+        target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=drafter)
