@@ -135,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "command.json", json.dumps({"command": "dflash-hf " + " ".join(args.argv)}))
     if args.target is None:
         from .default_pair import load_default_target
 

@@ -324,7 +324,9 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
     progress = json.loads((_latest_checkpoint(run_dir / "checkpoints") / "progress.json").read_text())
     config = progress["config"]
     drafter_config = json.loads((run_dir / "drafter" / "config.json").read_text())
-    summary = {
+    command = run_dir / "command.json"
+    summary = {"command": json.loads(command.read_text())["command"]} if command.exists() else {}
+    summary |= {
         "prompts": len(read_jsonl(run_dir / "prompts.jsonl")),
         "sequences (prompt + the target's own response)": len(records),
         "response tokens written by the target": response_tokens,

@@ -120,6 +120,7 @@ def test_example_train_then_publish_dry_run(tmp_path):
     assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()
     recipe = json.loads((tmp_path / "run" / "training.json").read_text())
     assert recipe["prompts"] == 3 and recipe["drafter layers"] == 1
+    assert recipe["command"].startswith("dflash-hf train --out ")
     assert recipe["steps × sequences per step × anchors per sequence"].startswith("3 × ")
     assert recipe["response tokens written by the target"] > 0
     out = run_example("examples/publish_drafter.py", str(tmp_path / "run" / "drafter"), str(tmp_path / "export"),
