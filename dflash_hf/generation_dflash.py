@@ -368,9 +368,11 @@ class BlockVerifier:
     """
 
     def __init__(self, do_sample: bool, sampling_mode: str, device: torch.device) -> None:
-        if sampling_mode not in ("strict", "ratio"):
-            raise ValueError(f"drafter.sampling_mode must be 'strict' or 'ratio', got {sampling_mode!r}.")
+        if sampling_mode not in ("auto", "strict", "ratio"):
+            raise ValueError(f"drafter.sampling_mode must be 'auto', 'strict' or 'ratio', got {sampling_mode!r}.")
         self.kernels = _kernel_module()
+        if sampling_mode == "auto":  # ratio accepts more (measured on the default pair) but needs the kernels
+            sampling_mode = "ratio" if self.kernels is not None else "strict"
         self.mode = "greedy" if not do_sample else sampling_mode
         if self.mode == "ratio" and self.kernels is None:
             raise ValueError("sampling_mode='ratio' needs the dflash_hf package (pip install dflash-hf).")
@@ -512,7 +514,7 @@ def run_dflash_decoding(
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     do_sample = bool(generation_config.do_sample)
-    verifier = BlockVerifier(do_sample, getattr(drafter, "sampling_mode", "strict"), input_ids.device)
+    verifier = BlockVerifier(do_sample, getattr(drafter, "sampling_mode", "auto"), input_ids.device)
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     scores_out: list[torch.Tensor] = []
@@ -679,7 +681,7 @@ def run_batched_dflash_decoding(
         pad_token = eos.view(-1)[0]
 
     cache_kwarg = forward_cache_kwarg(target)
-    verifier = BlockVerifier(bool(generation_config.do_sample), getattr(drafter, "sampling_mode", "strict"), device)
+    verifier = BlockVerifier(bool(generation_config.do_sample), getattr(drafter, "sampling_mode", "auto"), device)
     session = DraftSession(target, drafter)
     block_size = session.block_size
     stats = DFlashStats(sampling=verifier.mode, block_size=block_size, verify_backend=verifier.backend)

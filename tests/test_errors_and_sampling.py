@@ -145,3 +145,15 @@ def test_sampling_reproducible_under_seed(target):
         torch.manual_seed(7)
         runs.append(target.generate(prompt(), max_new_tokens=12, do_sample=True, assistant_model=drafter))
     assert torch.equal(*runs)
+
+
+def test_default_sampling_rule_is_ratio_where_the_kernels_are_installed(target):
+    """'auto' picks ratio (it accepted more than strict at temperature 1 on the default pair) when dflash_hf's
+    kernels are importable, as they are here."""
+    drafter = make_drafter(target)
+    assert drafter.sampling_mode == "auto"
+    target.generate(prompt(), max_new_tokens=6, do_sample=True, assistant_model=drafter)
+    assert drafter.last_stats.sampling == "ratio"
+    drafter.sampling_mode = "sometimes"
+    with pytest.raises(ValueError, match="'auto', 'strict' or 'ratio'"):
+        target.generate(prompt(), max_new_tokens=6, do_sample=True, assistant_model=drafter)

@@ -320,8 +320,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         # or "transformers" (the stock assisted loop driving DFlashCandidateGenerator).
         self.generation_loop = "dflash"
         # Lossless sampling rule when do_sample=True: "strict" (sample the target at every slot, accept while it
-        # equals the draft) or "ratio" (speculative sampling with the drafter's distribution; needs dflash_hf).
-        self.sampling_mode = "strict"
+        # equals the draft), "ratio" (speculative sampling with the drafter's distribution; needs dflash_hf) or
+        # "auto" (ratio where dflash_hf is installed, strict otherwise).
+        self.sampling_mode = "auto"
         # Drafts verified per step: None = all block_size - 1 slots. Fewer makes each step cheaper (the LM head
         # and the verify forward shrink) at the cost of a shorter maximum acceptance; useful for weak drafters.
         self.num_speculative_tokens: int | None = None
