@@ -37,12 +37,17 @@ def test_default_pair_is_lossless_offline(pair):
 
 
 def test_default_drafter_gets_drafts_accepted(pair):
+    from dflash_hf.bench import load_prompt_file
+    from dflash_hf.data import chat_prompt_ids
+
     target, tokenizer, drafter = pair
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Explain how photosynthesis works in simple terms."}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=drafter)
-    # An untrained (or wrongly loaded) drafter stays at 1.0; the shipped one accepts drafts on most steps.
-    assert drafter.last_stats.mean_acceptance_length > 1.15
+    lengths = []
+    for text in load_prompt_file(None, limit=4):  # held-out prompts (the benchmark's)
+        ids = torch.tensor([chat_prompt_ids(tokenizer, text)])
+        target.generate(ids, max_new_tokens=48, do_sample=False, assistant_model=drafter)
+        lengths += drafter.last_stats.acceptance_lengths
+    # An untrained (or wrongly loaded) drafter stays at 1.0; the shipped one measures about 1.3 on these prompts.
+    assert sum(lengths) / len(lengths) > 1.12, lengths
 
 
 def test_regeneration_with_batched_dflash_writes_the_same_responses(pair):
