@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import atomic_write_text, chat_prompt_ids, load_prompts
 from .generation_dflash import max_drafts_per_step
+from .modeling_dflash import DraftCache
 
 METHOD_LABELS = {
     "plain": "plain generate",
@@ -50,14 +51,11 @@ class TransformersDFlashAdapter(torch.nn.Module):
     def __init__(self, drafter: Any) -> None:
         import copy
 
-        from .modeling_dflash import DraftCache
-
         super().__init__()
         self.drafter = drafter
         self.config = copy.copy(drafter.config)
         del self.config.dflash_config  # read as a raw DFlash checkpoint otherwise (see the generate patch)
         self.generation_config = None
-        self._cache_type = DraftCache
         self.draft_cache = DraftCache()
 
     @property
@@ -69,7 +67,7 @@ class TransformersDFlashAdapter(torch.nn.Module):
         return self.drafter.fc.weight.dtype
 
     def reset(self) -> None:
-        self.draft_cache = self._cache_type()
+        self.draft_cache = DraftCache()
 
     def forward(self, noise_embeds, context_hidden_states, position_ids, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
@@ -343,6 +341,13 @@ def plot_batch_results(results: dict, path: str | Path) -> None:
            ylabel="new tokens / s", title=f"Batched generate ({results['device']}, {results['dtype']})")
     ax.legend()
     fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str | Path) -> None:
+    """Write a PNG atomically (a reader never sees half a file) and free the figure."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -384,11 +389,7 @@ def plot_results(results: dict, path: str | Path) -> None:
     right.set(title=f"Throughput ({results['device']}, {results['dtype']})", ylabel="new tokens / s")
     fig.suptitle(f"{results['target']} + {results['drafter']}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def write_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:

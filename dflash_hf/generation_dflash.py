@@ -385,8 +385,7 @@ class BlockVerifier:
 
     def sample_drafts(self, draft_scores: torch.Tensor, first_position: int) -> torch.Tensor:
         """Ratio mode: drafts [1, n] sampled from the drafter's processed scores [1, n, V]."""
-        positions = torch.tensor([first_position], device=draft_scores.device)
-        return self.kernels.sample_keyed(draft_scores, self.seed, positions, backend=self.backend)
+        return self.sample_draft_rows(draft_scores, torch.tensor([first_position], device=draft_scores.device))
 
     def sample_draft_rows(self, draft_scores: torch.Tensor, first_positions: torch.Tensor) -> torch.Tensor:
         """Ratio mode, batched: drafts [R, n] from scores [R, n, V]; row r's slot t is keyed by position
@@ -633,7 +632,7 @@ def run_dflash_decoding(
 COMPACT_MIN_HOLES = 32
 
 
-def _batched_request_problem(generation_config: Any, streamer: Any, want_outputs: bool) -> str | None:
+def _batched_request_problem(streamer: Any, want_outputs: bool) -> str | None:
     if streamer is not None:
         return "a streamer takes one sequence; stream one prompt per generate call"
     if want_outputs:
@@ -659,7 +658,7 @@ def run_batched_dflash_decoding(
     want_outputs = generation_config.return_dict_in_generate and (
         generation_config.output_scores or generation_config.output_logits
     )
-    problem = _batched_request_problem(generation_config, streamer, want_outputs) or ragged_batch_problem(cache)
+    problem = _batched_request_problem(streamer, want_outputs) or ragged_batch_problem(cache)
     if problem:
         raise ValueError(
             f"Batched DFlash generation (batch of {num_rows}) is not available here: {problem}. Call generate "
@@ -693,6 +692,7 @@ def run_batched_dflash_decoding(
     sequences = [input_ids[r : r + 1] for r in range(num_rows)]  # each [1, padded prompt + generated]
     live = torch.arange(num_rows, device=device)  # original indices of the rows still generating
     real_len = attention_mask.sum(dim=1)  # [R] real tokens committed per live row (the next token's position)
+    padding = input_ids.shape[1] - real_len  # [R] left padding per live row: a row's length is padding + real_len + 1
 
     def forward(tokens: torch.Tensor, token_positions: torch.Tensor, mask: torch.Tensor, prefill: bool) -> torch.Tensor:
         kwargs = {cache_kwarg: cache, "use_cache": True, "attention_mask": mask, "position_ids": token_positions.clamp(min=0)}
@@ -737,12 +737,12 @@ def run_batched_dflash_decoding(
             if keep.numel() == 0:
                 break
             if keep.numel() < live.numel():  # finished rows stop costing work
-                live, real_len, next_token = live[keep], real_len[keep], next_token[keep]
+                live, real_len, padding, next_token = live[keep], real_len[keep], padding[keep], next_token[keep]
                 attention_mask, context, context_positions = attention_mask[keep], context[keep], context_positions[keep]
                 select_cache_rows(cache, keep)
                 session.cache.select_rows(keep.to(session.device))
             t0 = time.perf_counter()
-            cur_len = torch.tensor([sequences[r].shape[1] for r in live.tolist()], device=device)
+            cur_len = padding + real_len + 1  # each row's sequence length, its pending token included
             # Never draft past max_length: a row near its end verifies fewer drafts (its extra slots are holes).
             num_drafts = (generation_config.max_length - cur_len - 1).clamp(min=0, max=session.max_drafts)
             width = int(num_drafts.max())

@@ -219,8 +219,9 @@ class DFlashAttention(nn.Module):
         if self.sliding_window is not None and cache.keys[i].shape[2] >= self.sliding_window:
             # Queries only move forward (the earliest is each row's anchor), so an entry at or before
             # anchor - window is never attended again. Drop the leading slots that no row still needs.
-            needed = cache.positions[i] > (anchor_positions - self.sliding_window)[:, None]  # [B, C]
-            first = int(needed.any(dim=0).int().argmax()) if bool(needed.any()) else needed.shape[1]
+            needed = (cache.positions[i] > (anchor_positions - self.sliding_window)[:, None]).any(dim=0)  # [C]
+            # index of the first needed slot, or C when none is (the appended True makes argmax total): one sync
+            first = int(torch.cat((needed, needed.new_ones(1))).int().argmax())
             if first:
                 cache.keys[i] = cache.keys[i][:, :, first:]
                 cache.values[i] = cache.values[i][:, :, first:]

@@ -126,11 +126,9 @@ def ragged_batch_problem(cache: Any) -> str | None:
 
 
 def select_cache_rows(cache: Any, rows: torch.Tensor) -> None:
-    """Keep batch rows ``rows`` of every cache layer."""
+    """Keep batch rows ``rows`` of every cache layer (transformers' per-layer ``batch_select_indices``)."""
     for layer in cache.layers:
-        if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
-            layer.keys = layer.keys[rows]
-            layer.values = layer.values[rows]
+        layer.batch_select_indices(rows)
 
 
 def gather_cache_slots(cache: Any, order: torch.Tensor) -> None:
