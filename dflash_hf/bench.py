@@ -81,7 +81,8 @@ class TransformersDFlashAdapter(torch.nn.Module):
             stub = hidden.new_zeros(1, 1, position_ids.shape[1], 1)
             for layer in range(self.config.num_hidden_layers):
                 cache.update(stub, stub, layer)
-        return BaseModelOutput(last_hidden_state=hidden)
+        # transformers applies the target's LM head to it: hand it back in the target's dtype (that of its embeddings)
+        return BaseModelOutput(last_hidden_state=hidden.to(noise_embeds.dtype))
 
 
 class _ForwardCounter:
@@ -210,6 +211,7 @@ def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int)
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+        "drafter_dtype": str(drafter.fc.weight.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
         "drafts_per_step": max_drafts_per_step(drafter),
         "num_prompts": num_prompts,

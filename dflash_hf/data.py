@@ -249,19 +249,24 @@ def regenerate(
     openai_model: str | None = None,
     assistant_model: Any = None,
 ) -> int:
-    """Stage 1 of training: write the target's responses to ``prompts`` as JSONL shards; resumes."""
+    """Stage 1 of training: write the target's responses to ``prompts`` as JSONL shards.
+
+    Resumes: prompts whose responses are already in ``out_dir`` are skipped (also when a run grows a larger
+    prompt list after ending on a partial shard); the rest go to new shards.
+    """
     out_dir = Path(out_dir)
-    done_shards = len(list(out_dir.glob("shard-*.jsonl"))) if out_dir.is_dir() else 0
-    remaining = prompts[done_shards * shard_size :]
+    shards = sorted(out_dir.glob("shard-*.jsonl")) if out_dir.is_dir() else []
+    done = sum(len(read_jsonl(shard)) for shard in shards)
+    remaining = prompts[done:]
     if not remaining:
         return 0
     if openai_base_url:
         records = openai_responses(openai_base_url, openai_model or "default", tokenizer, remaining, max_new_tokens, temperature)
     else:
         records = generate_responses(target, tokenizer, remaining, max_new_tokens, temperature, batch_size,
-                                     assistant_model=assistant_model)
+                                     seed=done, assistant_model=assistant_model)
     records = tqdm(records, total=len(remaining), desc="target responses", unit="seq")
-    return write_shards(records, out_dir, shard_size, skip_shards=done_shards)
+    return write_shards(records, out_dir, shard_size, skip_shards=len(shards))
 
 
 def load_records(data_dir: str | os.PathLike) -> list[dict]:

@@ -102,12 +102,14 @@ def default_drafter_dir() -> Path:
     )
 
 
-def load_default_pair(dtype: torch.dtype | None = None):
-    """``(target, tokenizer, drafter)``: SmolLM2-135M-Instruct and its shipped DFlash drafter, offline."""
+def load_default_pair(dtype: torch.dtype | None = None, drafter_dtype: torch.dtype | None = None):
+    """``(target, tokenizer, drafter)``: SmolLM2-135M-Instruct and its shipped DFlash drafter, offline.
+
+    The drafter takes the target's dtype unless ``drafter_dtype`` is given."""
     from .modeling_dflash import DFlashDraftModel
 
     target, tokenizer = load_default_target(dtype)
-    drafter = DFlashDraftModel.from_pretrained(default_drafter_dir(), dtype=target.dtype).eval()
+    drafter = DFlashDraftModel.from_pretrained(default_drafter_dir(), dtype=drafter_dtype or target.dtype).eval()
     return target, tokenizer, drafter
 
 

@@ -435,6 +435,9 @@ def _write_folder(drafter: Any, folder: Path, *, base_model: str, bench: dict | 
     card = render_model_card(drafter, base_model=base_model, bench=bench, license=license,
                              model_name=model_name, training_summary=training_summary)
     (folder / "README.md").write_text(card, encoding="utf-8")
+    if training_summary:  # the recipe travels with the weights, so a run warm-started from them can cite it
+        recipe = json.dumps(training_summary, indent=2, ensure_ascii=False) + "\n"
+        (folder / "training.json").write_text(recipe, encoding="utf-8")
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
@@ -495,7 +498,7 @@ def render_model_card(
         num_parameters=f"{sum(p.numel() for p in drafter.parameters()):,}",
         dtype=str(next(drafter.parameters()).dtype).replace("torch.", ""),
         bench=_bench_view(bench) if bench is not None else None,
-        training=[(str(k), _plain(v)) for k, v in (training_summary or {}).items()],
+        training=_recipe_rows(training_summary or {}),
         dflash_hf_version=__version__,
     )
     # Rendered here rather than by ModelCard.from_template, whose plain jinja2.Template leaves a blank line per
@@ -515,6 +518,17 @@ def _card_template() -> str:
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
     raise FileNotFoundError(f"model card template {CARD_TEMPLATE} not found next to the dflash_hf package.")
+
+
+def _recipe_rows(summary: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, value) table rows of a training recipe; a nested recipe (an earlier stage) gets prefixed keys."""
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            rows += _recipe_rows(value, prefix=f"{prefix}{key} › ")
+        else:
+            rows.append((f"{prefix}{key}", _plain(value)))
+    return rows
 
 
 def _plain(value: Any) -> str:

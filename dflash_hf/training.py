@@ -29,10 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import atomic_write_text, load_records
+from .data import atomic_write_text, load_records, read_jsonl
 from .generation_dflash import TapRecorder
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
+RECIPE_FILE = "training.json"  # a run's recipe; exported drafter folders carry it too
+WARM_START_RECIPE = "warm_start_training.json"  # the recipe of the drafter a run was initialised from
 
 
 def loss_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
@@ -77,32 +79,33 @@ def extract_features(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     layer_ids: list[int],
-    shard_size: int = 64,
     dtype: torch.dtype = torch.float16,
 ) -> int:
-    """Cache the taps of every position of every record: ``features-NNNNN.safetensors`` shards.
+    """Cache the taps of every position of every record: one ``features-NNNNN.safetensors`` per data shard.
 
-    Each shard holds ``ids_i`` [L_i] and ``taps_i`` [L_i, K*H] (``dtype``) plus ``prompt_len`` metadata; shards
-    are written atomically and existing ones are skipped, so an interrupted run resumes where it stopped.
+    Each holds ``ids_i`` [L_i] and ``taps_i`` [L_i, K*H] (``dtype``) plus ``prompt_len`` metadata for the records
+    of ``shard-NNNNN.jsonl``; files are written atomically and existing ones are skipped, so an interrupted run
+    resumes where it stopped and a grown run only extracts its new shards.
     """
-    records = load_records(data_dir)
+    data_shards = sorted(Path(data_dir).glob("shard-*.jsonl"))
+    if not data_shards:
+        raise FileNotFoundError(f"No shard-*.jsonl files in {data_dir}; run the regeneration stage first.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "features.json"
-    meta = {"layer_ids": list(layer_ids), "dtype": str(dtype).replace("torch.", ""), "num_records": len(records)}
+    meta = {"layer_ids": list(layer_ids), "dtype": str(dtype).replace("torch.", "")}
     if meta_path.exists() and json.loads(meta_path.read_text())["layer_ids"] != list(layer_ids):
         raise ValueError(f"{out_dir} holds features of other layers; use a new folder for layer_ids {layer_ids}.")
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     device = next(target.parameters()).device
-    num_shards = math.ceil(len(records) / shard_size)
     written = 0
     with TapRecorder(target, layer_ids, torch.device("cpu")) as taps:
-        for shard in tqdm(range(num_shards), desc="features", unit="shard"):
-            path = out_dir / f"features-{shard:05d}.safetensors"
+        for data_shard in tqdm(data_shards, desc="features", unit="shard"):
+            path = out_dir / data_shard.name.replace("shard-", "features-").replace(".jsonl", ".safetensors")
             if path.exists():
                 continue
             tensors, prompt_lens = {}, []
-            for i, record in enumerate(records[shard * shard_size : (shard + 1) * shard_size]):
+            for i, record in enumerate(read_jsonl(data_shard)):
                 ids = torch.tensor(record["input_ids"], dtype=torch.long)
                 target(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
                 tensors[f"ids_{i}"] = ids
@@ -164,6 +167,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 200
     log_every: int = 20
+    mixed_precision: str = "no"  # or "bf16": autocast forward (fast on GPUs and on CPUs with AVX512-BF16)
 
 
 def block_loss(
@@ -245,7 +249,13 @@ def train_drafter(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision={config.mixed_precision!r} is not supported; use 'no' or 'bf16' "
+                         "(fp16 would need loss scaling).")
+    # Autocast is ours rather than accelerate's: accelerate keeps one precision per process, and the frozen LM head
+    # (not a prepared module) must run inside it too.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    autocast_device = "cuda" if torch.cuda.is_available() else "cpu"
     embed = target.get_input_embeddings().requires_grad_(False)
     lm_head = target.get_output_embeddings().requires_grad_(False)
     drafter.train()
@@ -272,7 +282,8 @@ def train_drafter(
         for index in picks.tolist():
             ids, taps, prompt_len = dataset[index]
             anchors = sample_anchors(prompt_len, ids.shape[0], config.num_anchors, generator)
-            loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors, weights)
+            with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+                loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors, weights)
             accelerator.backward(loss / config.batch_size)
             for key in metrics:
                 metrics[key] += m[key] / config.batch_size
@@ -338,11 +349,16 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
         ),
         "learning rate (AdamW, warmup + cosine)": config["lr"],
     }
+    if config.get("mixed_precision", "no") != "no":
+        summary["mixed precision"] = config["mixed_precision"]
     timings = run_dir / "timings.json"
     if timings.exists():
         # Of the last `dflash-hf train` invocation only: a resumed run does not redo finished stages.
         summary.update({f"wall time of the last invocation: {k}": f"{v / 60:.1f} min"
                         for k, v in json.loads(timings.read_text()).items()})
+    earlier = run_dir / WARM_START_RECIPE
+    if earlier.exists():  # --init-from a drafter that carried its own recipe: the card shows both stages
+        summary["warm-started from a drafter trained with"] = json.loads(earlier.read_text())
     return summary
 
 

@@ -62,6 +62,30 @@ def test_regeneration_with_batched_dflash_writes_the_same_responses(pair):
     assert len(drafter.last_stats.rows) == 3
 
 
+def test_a_grown_run_adds_only_the_new_prompts(pair, tmp_path):
+    from dflash_hf.data import load_records, regenerate
+    from dflash_hf.training import FeatureDataset, extract_features
+
+    target, tokenizer, _ = pair
+    prompts = ["Name a fruit.", "What is 2 + 2?", "Name a colour.", "Name a planet.", "Name a river."]
+    kwargs = dict(shard_size=2, max_new_tokens=6)
+    regenerate(target, tokenizer, prompts[:3], tmp_path / "data", **kwargs)  # ends on a partial shard
+    extract_features(target, tmp_path / "data", tmp_path / "features", [1, 2])
+    old = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("features-*")}
+    assert sorted(old) == ["features-00000.safetensors", "features-00001.safetensors"]
+
+    regenerate(target, tokenizer, prompts, tmp_path / "data", **kwargs)
+    records = load_records(tmp_path / "data")
+    assert [r["prompt"] for r in records] == prompts  # none skipped, none repeated
+    regenerate(target, tokenizer, prompts, tmp_path / "whole", **kwargs)
+    assert records == load_records(tmp_path / "whole")
+    extract_features(target, tmp_path / "data", tmp_path / "features", [1, 2])
+    new = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "features").glob("features-*")}
+    assert {name: new[name] for name in old} == old and len(new) == 3  # only the new shard was extracted
+    dataset = FeatureDataset(tmp_path / "features", min_response=1)
+    assert [ids.tolist() for ids, _, _ in dataset.examples] == [r["input_ids"] for r in records]
+
+
 def test_converted_target_is_cached_as_safetensors():
     folder = converted_target_dir()
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()

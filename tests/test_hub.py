@@ -81,6 +81,19 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------------------------
+def test_export_carries_the_recipe_and_renders_an_earlier_stage(checkpoint, tmp_path):
+    recipe = {"command": "dflash-hf train --out b --init-from a", "steps": 20,
+              "warm-started from a drafter trained with": {"command": "dflash-hf train --out a", "steps": 10}}
+    out = hub.export_drafter(checkpoint, tmp_path / "out", base_model=BASE, training_summary=recipe)
+    assert json.loads((out / "training.json").read_text()) == recipe  # a warm-started run reads it back
+    card = (out / "README.md").read_text()
+    assert "| warm-started from a drafter trained with › command | dflash-hf train --out a |" in card
+    assert "| steps | 20 |" in card and "| warm-started from a drafter trained with › steps | 10 |" in card
+    assert hub.hub_folder_problems(out) == []
+    bare = hub.export_drafter(checkpoint, tmp_path / "bare", base_model=BASE)
+    assert not (bare / "training.json").exists()
+
+
 def test_export_writes_a_hub_ready_folder(exported, pair):
     drafter = pair[1]
     files = {p.name for p in exported.iterdir()}

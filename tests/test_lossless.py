@@ -242,3 +242,34 @@ def test_impossible_num_speculative_tokens_is_refused(bad):
     drafter.num_speculative_tokens = bad
     with pytest.raises(ValueError, match="num_speculative_tokens must be an int from 1 to block_size - 1 = 7"):
         target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=drafter)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8])
+def test_cpu_lm_head_product_equals_the_linear_layer(rows):
+    from dflash_hf.generation_dflash import apply_lm_head
+
+    torch.manual_seed(rows)
+    head = torch.nn.Linear(48, 500, bias=False)
+    hidden = torch.randn(2, rows, 48)
+    out = apply_lm_head(head, hidden)
+    assert out.shape == (2, rows, 500) and out.is_contiguous()
+    torch.testing.assert_close(out, head(hidden))
+    biased = torch.nn.Linear(48, 500)  # not the plain weight-only head: left to the module itself
+    torch.testing.assert_close(apply_lm_head(biased, hidden), biased(hidden), rtol=0, atol=0)
+
+
+def test_lower_precision_drafter_is_lossless_and_casts_the_head_once():
+    target = make_target("qwen3")  # float64
+    drafter = make_drafter(target).to(torch.bfloat16)
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    plain = target.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert torch.equal(target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=drafter), plain)
+    key, head = drafter._draft_head_cache
+    assert head.weight.dtype == torch.bfloat16 and "_draft_head_cache" not in drafter.state_dict()
+    torch.testing.assert_close(head.weight.double(), target.lm_head.weight, rtol=1e-2, atol=1e-2)
+    target.generate(prompt, max_new_tokens=5, do_sample=False, assistant_model=drafter)
+    assert drafter._draft_head_cache[1] is head  # reused across generations
+    with torch.no_grad():
+        target.lm_head.weight.mul_(1.0)  # an in-place update of the target's head invalidates the copy
+    target.generate(prompt, max_new_tokens=5, do_sample=False, assistant_model=drafter)
+    assert drafter._draft_head_cache[1] is not head
