@@ -145,6 +145,7 @@ def run_bench(
             target.generate(encoded[0], **{**base, "max_new_tokens": 8}, **per_method[method])
     totals = {m: {"tokens": 0, "seconds": 0.0} for m in methods}
     acceptance: list[int] = []
+    dflash_step_s = [0.0, 0.0, 0]  # drafting seconds, verifying seconds, verify steps (prefills excluded)
     transformers_steps = [0, 0]  # tokens after the first, verify forwards
     mismatches: dict[str, list[int]] = {m: [] for m in methods if m != "plain"}
     per_prompt = []
@@ -165,7 +166,11 @@ def run_bench(
             totals[method]["tokens"] += new
             totals[method]["seconds"] += seconds
             if method == "dflash":
-                acceptance.extend(drafter.last_stats.acceptance_lengths)
+                stats = drafter.last_stats
+                acceptance.extend(stats.acceptance_lengths)
+                dflash_step_s[0] += stats.draft_time_s
+                dflash_step_s[1] += stats.verify_time_s
+                dflash_step_s[2] += stats.num_verify_steps
             if counter is not None:  # the prefill commits one token; every later forward verifies a block
                 transformers_steps[0] += new - 1
                 transformers_steps[1] += counter.count - 1
@@ -188,6 +193,14 @@ def run_bench(
             if method == "dflash" and acceptance
             else None,
         }
+    step_cost = None
+    if dflash_step_s[2] > 0:
+        # What one DFlash step costs next to one plain token: the acceptance length above which DFlash pays off.
+        plain_ms = 1000 * totals["plain"]["seconds"] / totals["plain"]["tokens"]
+        draft_ms, verify_ms = (1000 * dflash_step_s[i] / dflash_step_s[2] for i in (0, 1))
+        step_cost = {"plain_ms_per_token": round(plain_ms, 2), "draft_ms_per_step": round(draft_ms, 2),
+                     "verify_ms_per_step": round(verify_ms, 2),
+                     "break_even_acceptance_length": round((draft_ms + verify_ms) / plain_ms, 3)}
     if "transformers_dflash" in results and transformers_steps[1] > 0:
         results["transformers_dflash"]["mean_acceptance_length"] = round(transformers_steps[0] / transformers_steps[1], 3)
     return {
@@ -197,6 +210,7 @@ def run_bench(
         "mismatched_prompts": mismatches,
         "methods": results,
         "acceptance_histogram": dict(sorted(Counter(acceptance).items())),
+        "step_cost": step_cost,
         "block_size": drafter.config.block_size,
         "per_prompt": per_prompt,
     }
@@ -362,6 +376,11 @@ def format_table(results: dict) -> str:
     for method, row in results["methods"].items():
         tau = f"{row['mean_acceptance_length']:.2f}" if row["mean_acceptance_length"] is not None else "-"
         lines.append(f"{METHOD_LABELS.get(method, method):<24}{row['tokens_per_s']:>10.2f}{row['speedup']:>9.2f}x{tau:>12}")
+    cost = results.get("step_cost")
+    if cost:
+        lines.append(f"DFlash step: draft {cost['draft_ms_per_step']:.1f} ms + verify {cost['verify_ms_per_step']:.1f} ms; "
+                     f"plain: {cost['plain_ms_per_token']:.1f} ms/token (prefill included) -> DFlash pays off above "
+                     f"acceptance length {cost['break_even_acceptance_length']:.2f}")
     verdict = "lossless on every prompt" if results["lossless"] else f"MISMATCH: {results['mismatched_prompts']}"
     lines.append(f"{results['num_prompts']} prompts, {results['max_new_tokens']} new tokens max, greedy; {verdict}")
     return "\n".join(lines)

@@ -306,13 +306,15 @@ class DraftSession:
 
 
 def apply_lm_head(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_head(hidden)`` for hidden [..., H] -> [..., V], computed as ``weight @ hidden^T`` on CPU.
+    """``lm_head(hidden)`` for hidden [..., H] -> [..., V], computed as ``weight @ hidden^T`` for float32 on CPU.
 
     Why: for a handful of rows and a vocabulary-sized weight, CPU BLAS runs ``hidden @ weight^T`` as a skinny GEMM
-    far below memory bandwidth (49152 x 576 fp32, 2-7 rows: 12-23 ms), while the transposed product streams the
-    weight once (2.5-5.5 ms). The result differs only by float summation order.
+    far below memory bandwidth (49152 x 576 fp32, 2-7 rows, 2 threads: 12-23 ms), while the transposed product
+    streams the weight once (2.5-5.5 ms). The result differs only by float summation order. bfloat16 goes through
+    oneDNN, whose plain product is the fast one (2 ms), so it is left alone.
     """
-    if hidden.device.type != "cpu" or type(lm_head) is not nn.Linear or lm_head.bias is not None:
+    if (hidden.device.type != "cpu" or type(lm_head) is not nn.Linear or lm_head.bias is not None
+            or lm_head.weight.dtype != torch.float32):
         return lm_head(hidden)
     rows = hidden.reshape(-1, hidden.shape[-1])
     if rows.shape[0] < 2:  # one row is a matrix-vector product either way

@@ -119,6 +119,19 @@ def test_cli_batched_bench(tmp_path, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+def test_cli_bench_with_a_bfloat16_drafter_reports_step_costs(tmp_path, capsys):
+    """A bfloat16 drafter of the float32 target (both loops) stays lossless; the step cost explains the speedup."""
+    assert cli_main(["bench", "--num-prompts", "2", "--max-new-tokens", "12", "--drafter-dtype", "bfloat16",
+                     "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["lossless"] and results["dtype"] == "float32" and results["drafter_dtype"] == "bfloat16"
+    cost = results["step_cost"]
+    assert min(cost["plain_ms_per_token"], cost["draft_ms_per_step"], cost["verify_ms_per_step"]) > 0
+    expected = (cost["draft_ms_per_step"] + cost["verify_ms_per_step"]) / cost["plain_ms_per_token"]
+    assert abs(cost["break_even_acceptance_length"] - expected) < 0.01
+    assert "pays off above acceptance length" in capsys.readouterr().out
+
+
 def run_example(*args: str, stdin: str | None = None, timeout: int = 600) -> str:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=OFFLINE_ENV, input=stdin, capture_output=True,
                             text=True, timeout=timeout)
