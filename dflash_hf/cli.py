@@ -209,7 +209,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     timings["training"] = time.perf_counter() - started
     drafter.config.name_or_path = f"{Path(args.out).name}"
     drafter.save_pretrained(out / "drafter")
-    # Wall times of this invocation (a resumed run counts only what it redid).
+    # Wall time per stage, summed over every invocation of this run folder (each resumed run adds what it redid).
+    earlier = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    timings = {stage: earlier.get(stage, 0.0) + seconds for stage, seconds in timings.items()}
     atomic_write_text(out / "timings.json", json.dumps(timings))
     atomic_write_text(out / "training.json", json.dumps(summarize_run(out), indent=2, ensure_ascii=False) + "\n")
     print(f"drafter saved to {out / 'drafter'}; recipe in {out / 'training.json'} (dflash-hf export --training-json)")

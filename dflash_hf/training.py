@@ -353,8 +353,8 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
         summary["mixed precision"] = config["mixed_precision"]
     timings = run_dir / "timings.json"
     if timings.exists():
-        # Of the last `dflash-hf train` invocation only: a resumed run does not redo finished stages.
-        summary.update({f"wall time of the last invocation: {k}": f"{v / 60:.1f} min"
+        # Summed over the run's invocations (a resumed run adds only the stages it redid).
+        summary.update({f"wall time: {k}": f"{v / 60:.1f} min"
                         for k, v in json.loads(timings.read_text()).items()})
     earlier = run_dir / WARM_START_RECIPE
     if earlier.exists():  # --init-from a drafter that carried its own recipe: the card shows both stages

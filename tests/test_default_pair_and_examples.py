@@ -165,9 +165,25 @@ def test_example_train_then_publish_dry_run(tmp_path):
     assert recipe["command"].startswith("dflash-hf train --out ")
     assert recipe["steps × sequences per step × anchors per sequence"].startswith("3 × ")
     assert recipe["response tokens written by the target"] > 0
+    first_timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    # Grown: one more prompt and two more steps on the same folder; wall times add up over the invocations.
+    run_example("examples/train_drafter.py", "--out", str(tmp_path / "run"), "--num-prompts", "4",
+                "--max-new-tokens", "12", "--steps", "5", "--num-layers", "1", "--gen-batch-size", "3",
+                "--num-anchors", "4", "--save-every", "2")
+    grown = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert grown["prompts"] == 4 and grown["sequences (prompt + the target's own response)"] == 4
+    timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    assert all(timings[stage] > first_timings[stage] for stage in ("data", "training")), (first_timings, timings)
     out = run_example("examples/publish_drafter.py", str(tmp_path / "run" / "drafter"), str(tmp_path / "export"),
-                      "--repo-id", "someone/tiny-dflash", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert "would upload" in out and "model.safetensors" in out
+                      "--repo-id", "someone/tiny-dflash", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                      "--training-json", str(tmp_path / "run" / "training.json"))
+    assert "would upload" in out and "model.safetensors" in out and "training.json" in out
+    # Warm-started from the published folder: the new recipe cites the earlier one.
+    run_example("examples/train_drafter.py", "--out", str(tmp_path / "run2"), "--num-prompts", "3",
+                "--max-new-tokens", "12", "--steps", "2", "--init-from", str(tmp_path / "export"),
+                "--gen-batch-size", "3", "--num-anchors", "4")
+    chained = json.loads((tmp_path / "run2" / "training.json").read_text())
+    assert chained["warm-started from a drafter trained with"] == grown
 
 
 def test_notebook_cells_run(tmp_path, monkeypatch):
