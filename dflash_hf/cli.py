@@ -223,7 +223,7 @@ def _add_pair_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", help="DFlash drafter id or folder (default: the shipped drafter)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype")
     parser.add_argument("--drafter-dtype", choices=["float32", "bfloat16", "float16"],
-                        help="drafter dtype (default: the target's); bfloat16 drafts faster on CPUs with AVX512-BF16")
+                        help="drafter dtype (default: the target's); never changes the output, only speed and acceptance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gen-batch-size", type=int, default=32)
     train.add_argument("--gen-dtype", choices=["float32", "bfloat16", "float16"],
                        help="dtype of the target while it writes prompts and responses (default: the target's). "
-                            "bfloat16 is ~2.7x faster on CPUs with AVX512-BF16; greedy responses may then differ "
+                            "bfloat16 is much faster on CPUs with AVX512-BF16; greedy responses may then differ "
                             "from the float32 target's at near-ties. Features are always taken in the target's dtype.")
     train.add_argument("--gen-drafter", help="a DFlash drafter of the target: regenerate responses with batched DFlash")
     train.add_argument("--openai-base-url", help="regenerate through an OpenAI-compatible server instead")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--save-every", type=int, default=200)
     train.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                       help="autocast the training forward (bf16: ~2x faster on CPUs with AVX512-BF16)")
+                       help="autocast the training forward (bf16: much faster on GPUs and CPUs with AVX512-BF16)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(func=cmd_train)
