@@ -200,6 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
     timings["features"] = time.perf_counter() - started
+    if args.steps == 0:  # data and features only; a later invocation with --steps trains on them
+        _add_timings(out, timings)
+        print(f"data and features ready in {out} (--steps 0: no training)")
+        return 0
     # Stage 3: training (resumes from the newest checkpoint unless --no-resume).
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, num_anchors=args.num_anchors, lr=args.lr,
                          seed=args.seed, save_every=args.save_every, mixed_precision=args.mixed_precision)
@@ -209,13 +213,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     timings["training"] = time.perf_counter() - started
     drafter.config.name_or_path = f"{Path(args.out).name}"
     drafter.save_pretrained(out / "drafter")
-    # Wall time per stage, summed over every invocation of this run folder (each resumed run adds what it redid).
-    earlier = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
-    timings = {stage: earlier.get(stage, 0.0) + seconds for stage, seconds in timings.items()}
-    atomic_write_text(out / "timings.json", json.dumps(timings))
+    _add_timings(out, timings)
     atomic_write_text(out / "training.json", json.dumps(summarize_run(out), indent=2, ensure_ascii=False) + "\n")
     print(f"drafter saved to {out / 'drafter'}; recipe in {out / 'training.json'} (dflash-hf export --training-json)")
     return 0
+
+
+def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
+    """Wall time per stage, summed over every invocation of a run folder (a resumed run adds what it redid)."""
+    from .data import atomic_write_text
+
+    path = run_dir / "timings.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    totals = {**earlier, **{stage: earlier.get(stage, 0.0) + seconds for stage, seconds in timings.items()}}
+    atomic_write_text(path, json.dumps(totals))
 
 
 def _add_pair_args(parser: argparse.ArgumentParser) -> None:

@@ -166,6 +166,10 @@ def test_example_train_then_publish_dry_run(tmp_path):
     assert recipe["steps × sequences per step × anchors per sequence"].startswith("3 × ")
     assert recipe["response tokens written by the target"] > 0
     first_timings = json.loads((tmp_path / "run" / "timings.json").read_text())
+    # --steps 0 prepares data and features only, and leaves the trained run as it was.
+    run_example("examples/train_drafter.py", "--out", str(tmp_path / "run"), "--num-prompts", "3",
+                "--max-new-tokens", "12", "--steps", "0", "--num-layers", "1", "--gen-batch-size", "3")
+    assert json.loads((tmp_path / "run" / "training.json").read_text()) == recipe
     # Grown: one more prompt and two more steps on the same folder; wall times add up over the invocations.
     run_example("examples/train_drafter.py", "--out", str(tmp_path / "run"), "--num-prompts", "4",
                 "--max-new-tokens", "12", "--steps", "5", "--num-layers", "1", "--gen-batch-size", "3",
