@@ -296,12 +296,11 @@ class DraftSession:
         key = (head.weight.data_ptr(), head.weight._version, dtype, head.weight.device)
         cached = getattr(self.drafter, "_draft_head_cache", None)
         if cached is None or cached[0] != key:
-            copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
-            copy.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
-            if head.bias is not None:
-                copy.bias = nn.Parameter(head.bias.detach().to(dtype), requires_grad=False)
+            copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                             device=head.weight.device, dtype=dtype).requires_grad_(False)
+            copy.load_state_dict(head.state_dict())  # casts to ``dtype``
             cached = (key, copy)
-            object.__setattr__(self.drafter, "_draft_head_cache", cached)  # not a submodule: never saved or moved
+            self.drafter._draft_head_cache = cached  # a plain attribute (a tuple): never saved, moved or trained
         return cached[1]
 
 
