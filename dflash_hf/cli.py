@@ -96,7 +96,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, load_prompt_file, run_bench, sampling_acceptance, write_outputs
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
-    drafter.num_speculative_tokens = args.num_speculative_tokens
+    if args.num_speculative_tokens is not None:  # else the drafter's own default (its config, or all)
+        drafter.num_speculative_tokens = args.num_speculative_tokens
     prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
     if args.batch_size:
         return _bench_batches(args, target, tokenizer, drafter, prompts)
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--out", default="bench-results")
     bench.add_argument("--num-speculative-tokens", type=int, metavar="K",
-                       help="verify K drafts per step instead of all block_size - 1")
+                       help="verify K drafts per step (default: the drafter's num_speculative_tokens, else all "
+                            "block_size - 1)")
     bench.add_argument("--batch-size", type=int, nargs="+", metavar="N",
                        help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
     bench.add_argument("--sampling-temperature", type=float,

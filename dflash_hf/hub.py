@@ -348,13 +348,15 @@ def export_drafter(
     license: str = "apache-2.0",
     model_name: str | None = None,
     training_summary: dict | None = None,
+    num_speculative_tokens: int | None = None,
 ) -> Path:
     """Write a ready-to-publish drafter folder at ``out_dir`` from a drafter ``checkpoint`` folder.
 
     ``checkpoint`` is a folder in our (or z-lab's) checkpoint format. ``out_dir`` appears complete or not at all:
     the folder is built next to it and swapped in only once it passes ``hub_folder_problems``. An existing
     ``out_dir`` is replaced only when it is empty or holds an earlier export. ``model_name`` may be the target Hub
-    id ("org/name"), which then appears in the card's usage snippets.
+    id ("org/name"), which then appears in the card's usage snippets. ``num_speculative_tokens`` stores a default
+    for the drafts verified per step in the config (e.g. when drafts past the K-th are almost never accepted).
     Returns the resolved ``out_dir``.
     """
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
@@ -365,10 +367,18 @@ def export_drafter(
     _check_replaceable(out_dir)
     bench = _load_bench(Path(bench_json)) if bench_json is not None else None
     drafter = _load_checkpoint(checkpoint)
+    if num_speculative_tokens is not None:
+        _set_drafts_per_step(drafter, num_speculative_tokens)
     if bench is not None and bench.get("block_size") not in (None, drafter.config.block_size):
         raise ValueError(
             f"{bench_json} was measured with block size {bench['block_size']}, this drafter has "
             f"{drafter.config.block_size}: the results belong to another drafter."
+        )
+    drafts = drafts_per_step(drafter.config)
+    if bench is not None and bench.get("drafts_per_step") not in (None, drafts):
+        raise ValueError(
+            f"{bench_json} was measured verifying {bench['drafts_per_step']} drafts per step, the exported drafter "
+            f"verifies {drafts}: pass --num-speculative-tokens {bench['drafts_per_step']} or re-run the bench."
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
@@ -384,6 +394,19 @@ def export_drafter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def drafts_per_step(config: Any) -> int:
+    """Drafts a drafter of ``config`` verifies per step by default: its num_speculative_tokens, else all."""
+    return getattr(config, "num_speculative_tokens", None) or config.block_size - 1
+
+
+def _set_drafts_per_step(drafter: Any, count: int) -> None:
+    most = drafter.config.block_size - 1
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most:
+        raise ValueError(f"--num-speculative-tokens must be from 1 to block_size - 1 = {most}, got {count!r}.")
+    drafter.config.num_speculative_tokens = count
+    drafter.num_speculative_tokens = count
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -490,6 +513,7 @@ def render_model_card(
         base_model=base_model,
         block_size=config.block_size,
         num_drafts=config.block_size - 1,
+        drafts_per_step=drafts_per_step(config),
         num_layers=config.num_hidden_layers,
         target_layer_ids=list(config.target_layer_ids),
         num_target_layers=config.num_target_layers if config.num_target_layers is not None else "?",
@@ -581,7 +605,21 @@ def _bench_view(bench: dict) -> dict:
     ]
     command = bench["command"] or "# not recorded: the benchmark was not run through the `dflash-hf bench` command"
     view = {key: bench[key] for key in BENCH_KEYS}
-    view.update(rows=rows, command=command, lossless=bool(bench["lossless"]))
+    view.update(rows=rows, command=command, lossless=bool(bench["lossless"]), step_cost=_step_cost_view(bench))
+    return view
+
+
+def _step_cost_view(bench: dict) -> dict | None:
+    """The bench's per-step accounting (draft, verify, plain token, and the CPU control), when it recorded one."""
+    cost = bench.get("step_cost")
+    keys = ("draft_ms_per_step", "verify_ms_per_step", "plain_ms_per_token", "break_even_acceptance_length")
+    if not isinstance(cost, dict) or not all(_is_number(cost.get(k)) for k in keys):
+        return None
+    view = {k: f"{cost[k]:.1f}" for k in keys[:3]}
+    view["break_even"] = f"{cost['break_even_acceptance_length']:.2f}"
+    if _is_number(cost.get("two_row_forward_ms")) and _is_number(cost.get("speedup_over_two_row_decode")):
+        view["two_row_forward_ms"] = f"{cost['two_row_forward_ms']:.1f}"
+        view["speedup_over_two_row_decode"] = f"{cost['speedup_over_two_row_decode']:.2f}×"
     return view
 
 
@@ -655,6 +693,9 @@ def add_cli(subparsers: Any) -> None:
     export.add_argument("--training-json", help="training.json written by `dflash-hf train`, for the card's recipe")
     export.add_argument("--license", default="apache-2.0")
     export.add_argument("--model-name", help="card title; give the Hub id (org/name) for copy-paste snippets")
+    export.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                        help="store K as the drafter's default drafts verified per step (default: keep the "
+                             "checkpoint's, else all block_size - 1)")
     export.set_defaults(func=_cmd_export)
 
     pub = subparsers.add_parser("publish", help="upload an exported drafter folder to the Hugging Face Hub")
@@ -684,12 +725,14 @@ def _cli_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 def _cmd_export(args: argparse.Namespace) -> int:
     training = json.loads(Path(args.training_json).read_text(encoding="utf-8")) if args.training_json else None
     out = export_drafter(args.checkpoint, args.out_dir, base_model=args.base_model, bench_json=args.bench_json,
-                         license=args.license, model_name=args.model_name, training_summary=training)
+                         license=args.license, model_name=args.model_name, training_summary=training,
+                         num_speculative_tokens=args.num_speculative_tokens)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"exported DFlash drafter to {out}")
     print(f"  block size {config['block_size']}, {config['num_hidden_layers']} layer(s), "
           f"target layers {config['dflash_config']['target_layer_ids']}, "
-          f"mask token {config['dflash_config']['mask_token_id']}")
+          f"mask token {config['dflash_config']['mask_token_id']}, "
+          f"{config.get('num_speculative_tokens') or config['block_size'] - 1} drafts verified per step")
     print(f"  model card results: {'from ' + args.bench_json if args.bench_json else 'none recorded'}")
     print(f"  files: {', '.join(_publishable_files(out))}")
     print(f"next: dflash-hf publish {out} --repo-id ORG/NAME --dry-run")

@@ -326,7 +326,8 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         self.sampling_mode = "auto"
         # Drafts verified per step: None = all block_size - 1 slots. Fewer makes each step cheaper (the LM head
         # and the verify forward shrink) at the cost of a shorter maximum acceptance; useful for weak drafters.
-        self.num_speculative_tokens: int | None = None
+        # The checkpoint's config may carry a default.
+        self.num_speculative_tokens: int | None = config.num_speculative_tokens
         self.post_init()
 
     @classmethod

@@ -130,6 +130,34 @@ def test_save_pretrained_roundtrip_keeps_format(tmp_path):
     assert_same_drafts(reloaded, drafter)
 
 
+def test_checkpoint_default_for_drafts_per_step(tmp_path, scripted):
+    target = make_target("qwen3")
+    drafter = make_drafter(target, block_size=6)
+    assert drafter.num_speculative_tokens is None
+    drafter.save_pretrained(tmp_path / "all")
+    assert "num_speculative_tokens" not in json.loads((tmp_path / "all" / "config.json").read_text())
+
+    drafter.config.num_speculative_tokens = 2
+    drafter.save_pretrained(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["num_speculative_tokens"] == 2
+    reloaded = DFlashDraftModel.from_pretrained(tmp_path / "two", dtype=torch.float64)
+    assert reloaded.num_speculative_tokens == 2
+    prompt = torch.tensor([[3, 14, 15, 92, 6, 5]])
+    plain = target.generate(prompt, max_new_tokens=12, do_sample=False)
+    scripted(plain, [None] * 12)  # every draft right: acceptance is capped only by the drafts verified
+    assert torch.equal(target.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=reloaded), plain)
+    assert reloaded.last_stats.acceptance_lengths[:3] == [3, 3, 3]  # 2 drafts + the target's token
+    reloaded.num_speculative_tokens = None  # a user may still verify the whole block
+    scripted(plain, [None] * 12)
+    assert torch.equal(target.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=reloaded), plain)
+    assert reloaded.last_stats.acceptance_lengths[:1] == [6]
+
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    (tmp_path / "two" / "config.json").write_text(json.dumps({**config, "num_speculative_tokens": 6}))
+    with pytest.raises(ValueError, match=r"num_speculative_tokens must be from 1 to block_size - 1 = 5"):
+        DFlashDraftModel.from_pretrained(tmp_path / "two")
+
+
 REMOTE_SCRIPT = textwrap.dedent(
     """
     import importlib.abc, sys, torch
@@ -218,8 +246,8 @@ def test_checkpoint_loaded_without_remote_code_is_refused(tmp_path):
 PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_dflash.py", "transformers_compat.py")
 # What remote code may import: the libraries it runs on, and standard modules that neither reach the network nor
 # start processes. Relative imports (its own files) are always fine.
-ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "dataclasses", "functools", "importlib", "inspect", "math",
-                   "pathlib", "time", "typing"}
+ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "contextlib", "dataclasses", "functools", "importlib",
+                   "inspect", "math", "pathlib", "time", "typing"}
 # (os, shutil, subprocess, socket and urllib cannot be imported at all, so their calls need no listing.)
 FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "write_text", "write_bytes", "mkdir", "touch"}
 

@@ -244,18 +244,54 @@ def test_impossible_num_speculative_tokens_is_refused(bad):
         target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=drafter)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8])
-def test_cpu_lm_head_product_equals_the_linear_layer(rows):
-    from dflash_hf.generation_dflash import apply_lm_head
+@pytest.mark.parametrize("rows", [2, 3, 7, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_row_linear_equals_the_linear_layer(rows, bias):
+    from dflash_hf.generation_dflash import linear_for_few_rows
 
     torch.manual_seed(rows)
-    head = torch.nn.Linear(48, 500, bias=False)
-    hidden = torch.randn(2, rows, 48)
-    out = apply_lm_head(head, hidden)
-    assert out.shape == (2, rows, 500) and out.is_contiguous()
-    torch.testing.assert_close(out, head(hidden))
-    biased = torch.nn.Linear(48, 500)  # not the plain weight-only head: left to the module itself
-    torch.testing.assert_close(apply_lm_head(biased, hidden), biased(hidden), rtol=0, atol=0)
+    layer = torch.nn.Linear(48, 500, bias=bias)
+    x = torch.randn(1, rows, 48)
+    out = linear_for_few_rows(x, layer.weight, layer.bias)
+    assert out.shape == (1, rows, 500) and out.is_contiguous()
+    torch.testing.assert_close(out, layer(x))
+
+
+def test_few_row_mode_routes_only_small_float32_cpu_products(monkeypatch):
+    import dflash_hf.generation_dflash as core
+
+    routed = []
+    original = core.linear_for_few_rows
+    monkeypatch.setattr(core, "linear_for_few_rows", lambda x, *a: routed.append(tuple(x.shape)) or original(x, *a))
+    layer = torch.nn.Linear(8, 4)
+    with core.few_row_linear(torch.device("cpu")):
+        for shape in [(1, 1, 8), (2, 8), (1, 16, 8), (17, 8), (2, 3, 8)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+        layer.double()(torch.ones(4, 8, dtype=torch.float64))  # float64: BLAS's own product
+    assert routed == [(2, 8), (1, 16, 8), (2, 3, 8)]  # 1 row and 17 rows are left to BLAS
+    layer.float()(torch.ones(4, 8))  # outside the mode nothing is routed
+    assert len(routed) == 3
+    assert not isinstance(core.few_row_linear(torch.device("meta")), core.FewRowLinearMode)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypatch, rows):
+    """The verify forwards and drafts of a float32 CPU target run through the routine and still equal plain."""
+    import dflash_hf.generation_dflash as core
+
+    routed = []
+    original = core.linear_for_few_rows
+    monkeypatch.setattr(core, "linear_for_few_rows", lambda x, *a: routed.append(x.shape) or original(x, *a))
+    target = make_target("llama", dtype=torch.float32)
+    drafter = make_drafter(target, block_size=4).float()
+    prompt = torch.randint(3, VOCAB, (rows, 6), generator=torch.Generator().manual_seed(5))
+    plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
+    if rows == 1:
+        scripted(plain, [None, 2, None, 3, 1, None])  # long and short acceptances through the routed forwards
+    fast = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter)
+    assert torch.equal(fast, plain)
+    assert routed and all(2 <= torch.Size(s).numel() // s[-1] <= 16 for s in routed)
 
 
 def test_lower_precision_drafter_is_lossless_and_casts_the_head_once():

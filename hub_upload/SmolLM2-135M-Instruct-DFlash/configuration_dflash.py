@@ -49,6 +49,9 @@ class DFlashConfig(PretrainedConfig):
             ``mask_token_id`` / ``target_layer_ids`` attributes mirror it.
         target_hidden_size: hidden size of the target (defaults to ``hidden_size``); ``fc`` maps
             ``len(target_layer_ids) * target_hidden_size`` to ``hidden_size``.
+        num_speculative_tokens: drafts verified per step by default (1 … ``block_size - 1``; absent or None: all).
+            A drafter that is rarely accepted far into its block verifies fewer and saves the target the extra rows.
+            Only the default of ``DFlashDraftModel.num_speculative_tokens``, which a user may change per model.
         The remaining arguments mean what they mean in ``Qwen3Config``.
     """
 
@@ -56,6 +59,7 @@ class DFlashConfig(PretrainedConfig):
     # In-block attention: None means z-lab's rule (sliding layers causal, full layers not); kept out of config.json
     # unless set.
     is_causal: bool | None = None
+    num_speculative_tokens: int | None = None
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class DFlashConfig(PretrainedConfig):
         target_layer_ids: list[int] | None = None,
         tie_word_embeddings: bool = False,
         is_causal: bool | None = None,
+        num_speculative_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = _as_int("vocab_size", vocab_size, minimum=1, maximum=_MAX_VOCAB)
@@ -125,6 +130,14 @@ class DFlashConfig(PretrainedConfig):
         self.layer_types = _layer_types(layer_types, self.num_hidden_layers, self)
 
         self.block_size = _as_int("block_size", block_size, minimum=2, maximum=_MAX_COUNT)
+        if num_speculative_tokens is not None:  # absent: kept out of config.json (z-lab's format has no such key)
+            drafts = _as_int("num_speculative_tokens", num_speculative_tokens)
+            if not 1 <= drafts < self.block_size:
+                raise ValueError(
+                    f"num_speculative_tokens must be from 1 to block_size - 1 = {self.block_size - 1} (the drafts one "
+                    f"block holds), got {drafts}; remove it from config.json to verify every draft."
+                )
+            self.num_speculative_tokens = drafts
         if not isinstance(dflash_config, (dict, type(None))):
             raise ValueError(f"dflash_config must be a mapping, got {type(dflash_config).__name__}.")
         nested = dict(dflash_config or {})

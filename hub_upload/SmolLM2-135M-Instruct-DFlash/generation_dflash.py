@@ -16,6 +16,7 @@ One verify step, with ``start`` = tokens the target has processed (its cache len
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
@@ -274,16 +276,17 @@ class DraftSession:
         offsets = torch.arange(self.block_size, device=anchor_position.device)
         block_positions = anchor_position[:, None] + offsets  # [R, B]
         embeds = self.embed(block.to(self.embed.weight.device))
-        hidden = self.drafter(
-            embeds.to(self.device),
-            context_taps.to(self.device),
-            block_positions.to(self.device),
-            context_positions.to(self.device),
-            cache=self.cache,
-        )
-        drafted = hidden[:, 1 : 1 + self.max_drafts]  # only the slots that will be verified go through the LM head
         head = self.draft_head()
-        return apply_lm_head(head, drafted.to(device=head.weight.device, dtype=head.weight.dtype))
+        with few_row_linear(self.device):
+            hidden = self.drafter(
+                embeds.to(self.device),
+                context_taps.to(self.device),
+                block_positions.to(self.device),
+                context_positions.to(self.device),
+                cache=self.cache,
+            )
+            drafted = hidden[:, 1 : 1 + self.max_drafts]  # only the slots that will be verified go through the head
+            return head(drafted.to(device=head.weight.device, dtype=head.weight.dtype))
 
     def draft_head(self) -> nn.Module:
         """The target's LM head, in the drafter's dtype when the two differ (e.g. a bfloat16 drafter of a float32
@@ -304,22 +307,45 @@ class DraftSession:
         return cached[1]
 
 
-def apply_lm_head(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_head(hidden)`` for hidden [..., H] -> [..., V], computed as ``weight @ hidden^T`` for float32 on CPU.
+FEW_ROWS = range(2, 17)
 
-    Why: for a handful of rows and a vocabulary-sized weight, CPU BLAS runs ``hidden @ weight^T`` as a skinny GEMM
-    far below memory bandwidth (49152 x 576 fp32, 2-7 rows, 2 threads: 12-23 ms), while the transposed product
-    streams the weight once (2.5-5.5 ms). The result differs only by float summation order. bfloat16 goes through
-    oneDNN, whose plain product is the fast one (2 ms), so it is left alone.
+
+def linear_for_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``weight @ x^T``; x [..., in] with 2-16 rows -> [..., out].
+
+    Why: CPU BLAS (MKL, 2 threads, float32) runs ``x @ weight^T`` for a handful of rows as a skinny GEMM far below
+    memory bandwidth, and a single row as a matrix-vector product on one core. The transposed product streams the
+    weight once on every core: 1536 x 576, 4 rows: 96 us instead of 322 us; 49152 x 576, 4 rows: 2.6 ms instead of
+    12.5 ms (benchmarks/cpu_linear.py). The result differs only by float summation order.
     """
-    if (hidden.device.type != "cpu" or type(lm_head) is not nn.Linear or lm_head.bias is not None
-            or lm_head.weight.dtype != torch.float32):
-        return lm_head(hidden)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    if rows.shape[0] < 2:  # one row is a matrix-vector product either way
-        return lm_head(hidden)
-    logits = torch.mm(lm_head.weight, rows.T).T.contiguous()  # [rows, V]
-    return logits.view(*hidden.shape[:-1], -1)
+    rows = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        out = torch.mm(weight, rows.T)  # [out, rows]
+    else:
+        out = torch.addmm(bias.unsqueeze(1), weight, rows.T)
+    return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class FewRowLinearMode(TorchFunctionMode):
+    """Routes float32 CPU ``F.linear`` calls over 2-16 rows to :func:`linear_for_few_rows`; all else untouched.
+
+    Active only around DFlash's own forwards (verify blocks and drafts), never around plain decoding.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+                    and weight.dim() == 2 and x.numel() // max(x.shape[-1], 1) in FEW_ROWS):
+                return linear_for_few_rows(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def few_row_linear(device: torch.device) -> Any:
+    """The context DFlash's own forwards run under on ``device``: :class:`FewRowLinearMode` on CPU."""
+    return FewRowLinearMode() if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -571,7 +597,8 @@ def run_dflash_decoding(
         if prefill and target._supports_logits_to_keep():
             kwargs["logits_to_keep"] = 1
         stats.num_target_forwards += 1
-        return target(input_ids=tokens, **kwargs).logits
+        with contextlib.nullcontext() if prefill else few_row_linear(device):
+            return target(input_ids=tokens, **kwargs).logits
 
     def commit(tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
         """Append tokens one at a time exactly as plain generate would; True once a stopping criterion fires."""
@@ -737,7 +764,8 @@ def run_batched_dflash_decoding(
         stats.num_target_forwards += 1
         for r in live.tolist():
             row_stats[r].num_target_forwards += 1
-        return target(input_ids=tokens, **kwargs).logits
+        with contextlib.nullcontext() if prefill else few_row_linear(device):
+            return target(input_ids=tokens, **kwargs).logits
 
     def row_scores(logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """Processors run per row on that row's own sequence, as plain generate would run them."""

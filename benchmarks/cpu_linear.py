@@ -1,0 +1,61 @@
+"""CPU cost of a linear layer over a few rows: BLAS's ``x @ W^T`` against DFlash's ``W @ x^T`` routine.
+
+Why it matters: on CPU a DFlash verify step runs the target over 2-8 rows, and plain decoding over 1. This prints,
+for the weight shapes of SmolLM2-135M (the default target) and 1-16 rows, the median time of ``F.linear`` and of
+``dflash_hf.generation_dflash.linear_for_few_rows``, measured side by side in one run, and their ratio. Weights
+are cycled through several copies so that every product streams its weight from memory, as in a real forward.
+
+    python benchmarks/cpu_linear.py [--rows 1 2 4 8 16] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dflash_hf.generation_dflash import linear_for_few_rows
+
+# (out_features, in_features) of SmolLM2-135M: q/o, k/v, gate/up, down, LM head.
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
+WEIGHT_POOL_BYTES = 256 * 2**20
+
+
+def median_us(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7}")
+    for out_features, in_features in SHAPES:
+        copies = max(2, min(64, WEIGHT_POOL_BYTES // (out_features * in_features * 4)))
+        weights = [torch.randn(out_features, in_features) for _ in range(copies)]
+        turn = iter(range(10**9))
+
+        def weight() -> torch.Tensor:
+            return weights[next(turn) % copies]
+
+        for rows in args.rows:
+            x = torch.randn(rows, in_features)
+            blas = median_us(lambda: F.linear(x, weight()), args.repeats)
+            ours = median_us(lambda: linear_for_few_rows(x, weight()), args.repeats)
+            print(f"{out_features:>6}x{in_features:<5} {rows:>5} {blas:>14.0f} {ours:>14.0f} {blas / ours:>6.2f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
