@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
@@ -135,7 +136,7 @@ def _bench_batches(args: argparse.Namespace, target: Any, tokenizer: Any, drafte
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import atomic_write_text, load_prompts, magpie_prompts, read_jsonl, regenerate
+    from .data import atomic_write_text, count_records, load_prompts, magpie_prompts, read_jsonl, regenerate
     from .generation_dflash import validate_pair
     from .modeling_dflash import DFlashDraftModel
     from .training import (
@@ -161,9 +162,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.target)
         target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto", device_map="auto").eval()
     # Stage 1: prompts (saved once, so a resumed run regenerates the same ones) and the target's responses.
-    writer = target  # the model that writes prompts and responses
-    if args.gen_dtype and getattr(torch, args.gen_dtype) != target.dtype:
-        writer = copy.deepcopy(target).to(getattr(torch, args.gen_dtype))
+    @functools.cache
+    def writer() -> Any:
+        """The model that writes prompts and responses: the target, or its copy in --gen-dtype, made on first use
+        (a resumed run with nothing left to write never holds two copies)."""
+        if args.gen_dtype and getattr(torch, args.gen_dtype) != target.dtype:
+            return copy.deepcopy(target).to(getattr(torch, args.gen_dtype))
+        return target
+
     prompt_file = out / "prompts.jsonl"
     prompts = [r["prompt"] for r in read_jsonl(prompt_file)] if prompt_file.exists() else []
     if len(prompts) < args.num_prompts:
@@ -172,19 +178,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.prompts:
             fresh = load_prompts(args.prompts, limit=args.num_prompts)
         else:
-            fresh = magpie_prompts(writer, tokenizer, args.num_prompts - len(prompts), seed=args.seed + len(prompts))
+            fresh = magpie_prompts(writer(), tokenizer, args.num_prompts - len(prompts), seed=args.seed + len(prompts))
         known = set(prompts)
         prompts += [p for p in fresh if p not in known][: args.num_prompts - len(prompts)]
         atomic_write_text(prompt_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    gen_drafter = None
-    if args.gen_drafter:  # regenerate with batched DFlash: same responses, fewer target forwards
-        gen_drafter = DFlashDraftModel.from_pretrained(args.gen_drafter, dtype=writer.dtype).to(writer.device).eval()
-        validate_pair(writer, gen_drafter)
     timings = {}
     started = time.perf_counter()
-    regenerate(writer, tokenizer, prompts, out / "data", max_new_tokens=args.max_new_tokens,
-               temperature=args.temperature, batch_size=args.gen_batch_size,
-               openai_base_url=args.openai_base_url, openai_model=args.openai_model, assistant_model=gen_drafter)
+    if count_records(out / "data") < len(prompts):
+        gen_drafter = None
+        if args.gen_drafter:  # regenerate with batched DFlash: same responses, fewer target forwards
+            gen_drafter = DFlashDraftModel.from_pretrained(args.gen_drafter, dtype=writer().dtype)
+            gen_drafter = gen_drafter.to(writer().device).eval()
+            validate_pair(writer(), gen_drafter)
+        regenerate(target if args.openai_base_url else writer(), tokenizer, prompts, out / "data",
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.gen_batch_size,
+                   openai_base_url=args.openai_base_url, openai_model=args.openai_model, assistant_model=gen_drafter)
+    writer.cache_clear()  # drop a --gen-dtype copy before feature extraction and training
     # Stage 2: the drafter's shape decides which layers to tap; features are cached for those.
     if args.init_from:  # warm start: continue from a trained drafter (its shape and taps win)
         drafter = DFlashDraftModel.from_pretrained(args.init_from, dtype=torch.float32)

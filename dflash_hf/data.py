@@ -256,7 +256,7 @@ def regenerate(
     """
     out_dir = Path(out_dir)
     shards = sorted(out_dir.glob("shard-*.jsonl")) if out_dir.is_dir() else []
-    done = sum(len(read_jsonl(shard)) for shard in shards)
+    done = count_records(out_dir)
     remaining = prompts[done:]
     if not remaining:
         return 0
@@ -269,6 +269,12 @@ def regenerate(
     return write_shards(records, out_dir, shard_size, skip_shards=len(shards))
 
 
+def count_records(data_dir: str | os.PathLike) -> int:
+    """Responses already written to ``data_dir`` (0 for a missing folder)."""
+    data_dir = Path(data_dir)
+    return sum(len(read_jsonl(shard)) for shard in sorted(data_dir.glob("shard-*.jsonl"))) if data_dir.is_dir() else 0
+
+
 def load_records(data_dir: str | os.PathLike) -> list[dict]:
     shards = sorted(Path(data_dir).glob("shard-*.jsonl"))
     if not shards:
@@ -279,6 +285,7 @@ def load_records(data_dir: str | os.PathLike) -> list[dict]:
 __all__ = [
     "atomic_write_text",
     "chat_prompt_ids",
+    "count_records",
     "generate_responses",
     "load_prompts",
     "load_records",

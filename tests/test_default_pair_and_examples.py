@@ -132,6 +132,28 @@ def test_cli_bench_with_a_bfloat16_drafter_reports_step_costs(tmp_path, capsys):
     assert "pays off above acceptance length" in capsys.readouterr().out
 
 
+def test_gen_dtype_copy_is_made_only_when_there_is_something_to_write(tmp_path, monkeypatch):
+    import dflash_hf.cli as cli
+
+    copies = []  # models deep-copied (copy.deepcopy is used for configs too, which do not count)
+    real_deepcopy = cli.copy.deepcopy
+
+    def counting_deepcopy(obj, *rest):
+        if isinstance(obj, torch.nn.Module):
+            copies.append(type(obj).__name__)
+        return real_deepcopy(obj, *rest)
+
+    monkeypatch.setattr(cli.copy, "deepcopy", counting_deepcopy)
+    args = ["train", "--out", str(tmp_path / "run"), "--num-prompts", "2", "--max-new-tokens", "8", "--steps", "0",
+            "--num-layers", "1", "--gen-batch-size", "2", "--gen-dtype", "bfloat16"]
+    assert cli_main(args) == 0
+    assert copies == ["LlamaForCausalLM"]  # one bfloat16 writer for the prompts and the responses
+    records = [json.loads(line) for line in (tmp_path / "run" / "data" / "shard-00000.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(len(r["input_ids"]) > r["prompt_len"] for r in records)
+    assert cli_main(args) == 0  # resumed with nothing left to write: no second copy of the target
+    assert copies == ["LlamaForCausalLM"]
+
+
 def run_example(*args: str, stdin: str | None = None, timeout: int = 600) -> str:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=OFFLINE_ENV, input=stdin, capture_output=True,
                             text=True, timeout=timeout)
