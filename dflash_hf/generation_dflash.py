@@ -277,7 +277,7 @@ class DraftSession:
         block_positions = anchor_position[:, None] + offsets  # [R, B]
         embeds = self.embed(block.to(self.embed.weight.device))
         head = self.draft_head()
-        with few_row_linear(self.device):
+        with few_row_linear(self.device, getattr(self.drafter, "few_row_matmul_on_cpu", True)):
             hidden = self.drafter(
                 embeds.to(self.device),
                 context_taps.to(self.device),
@@ -343,9 +343,10 @@ class FewRowLinearMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def few_row_linear(device: torch.device) -> Any:
-    """The context DFlash's own forwards run under on ``device``: :class:`FewRowLinearMode` on CPU."""
-    return FewRowLinearMode() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+def few_row_linear(device: torch.device, enabled: bool = True) -> Any:
+    """The context DFlash's own forwards run under on ``device``: :class:`FewRowLinearMode` on CPU when enabled
+    (``drafter.few_row_matmul_on_cpu``), else nothing."""
+    return FewRowLinearMode() if enabled and torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -597,7 +598,7 @@ def run_dflash_decoding(
         if prefill and target._supports_logits_to_keep():
             kwargs["logits_to_keep"] = 1
         stats.num_target_forwards += 1
-        with contextlib.nullcontext() if prefill else few_row_linear(device):
+        with few_row_linear(device, not prefill and getattr(drafter, "few_row_matmul_on_cpu", True)):
             return target(input_ids=tokens, **kwargs).logits
 
     def commit(tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
@@ -764,7 +765,7 @@ def run_batched_dflash_decoding(
         stats.num_target_forwards += 1
         for r in live.tolist():
             row_stats[r].num_target_forwards += 1
-        with contextlib.nullcontext() if prefill else few_row_linear(device):
+        with few_row_linear(device, not prefill and getattr(drafter, "few_row_matmul_on_cpu", True)):
             return target(input_ids=tokens, **kwargs).logits
 
     def row_scores(logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:

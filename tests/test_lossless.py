@@ -276,8 +276,10 @@ def test_few_row_mode_routes_only_small_float32_cpu_products(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypatch, rows):
-    """The verify forwards and drafts of a float32 CPU target run through the routine and still equal plain."""
+@pytest.mark.parametrize("enabled", [True, False])
+def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypatch, rows, enabled):
+    """The verify forwards and drafts of a float32 CPU target run through the routine (unless the drafter turns it
+    off) and still equal plain."""
     import dflash_hf.generation_dflash as core
 
     routed = []
@@ -285,13 +287,14 @@ def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypa
     monkeypatch.setattr(core, "linear_for_few_rows", lambda x, *a: routed.append(x.shape) or original(x, *a))
     target = make_target("llama", dtype=torch.float32)
     drafter = make_drafter(target, block_size=4).float()
+    drafter.few_row_matmul_on_cpu = enabled
     prompt = torch.randint(3, VOCAB, (rows, 6), generator=torch.Generator().manual_seed(5))
     plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
     if rows == 1:
         scripted(plain, [None, 2, None, 3, 1, None])  # long and short acceptances through the routed forwards
     fast = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter)
     assert torch.equal(fast, plain)
-    assert routed and all(2 <= torch.Size(s).numel() // s[-1] <= 16 for s in routed)
+    assert bool(routed) == enabled and all(2 <= torch.Size(s).numel() // s[-1] <= 16 for s in routed)
 
 
 def test_lower_precision_drafter_is_lossless_and_casts_the_head_once():
