@@ -359,6 +359,8 @@ def export_drafter(
     for the drafts verified per step in the config (e.g. when drafts past the K-th are almost never accepted).
     Returns the resolved ``out_dir``.
     """
+    from .generation_dflash import max_drafts_per_step
+
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
     if not base_model or not isinstance(base_model, str):
         raise ValueError("base_model must name the target model (a Hub id such as 'Qwen/Qwen3-8B').")
@@ -374,7 +376,7 @@ def export_drafter(
             f"{bench_json} was measured with block size {bench['block_size']}, this drafter has "
             f"{drafter.config.block_size}: the results belong to another drafter."
         )
-    drafts = drafts_per_step(drafter.config)
+    drafts = max_drafts_per_step(drafter)
     if bench is not None and bench.get("drafts_per_step") not in (None, drafts):
         raise ValueError(
             f"{bench_json} was measured verifying {bench['drafts_per_step']} drafts per step, the exported drafter "
@@ -394,11 +396,6 @@ def export_drafter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def drafts_per_step(config: Any) -> int:
-    """Drafts a drafter of ``config`` verifies per step by default: its num_speculative_tokens, else all."""
-    return getattr(config, "num_speculative_tokens", None) or config.block_size - 1
 
 
 def _set_drafts_per_step(drafter: Any, count: int) -> None:
@@ -495,6 +492,7 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
+    from .generation_dflash import max_drafts_per_step
 
     config = drafter.config
     name = model_name or "DFlash drafter"
@@ -513,7 +511,7 @@ def render_model_card(
         base_model=base_model,
         block_size=config.block_size,
         num_drafts=config.block_size - 1,
-        drafts_per_step=drafts_per_step(config),
+        drafts_per_step=max_drafts_per_step(drafter),
         num_layers=config.num_hidden_layers,
         target_layer_ids=list(config.target_layer_ids),
         num_target_layers=config.num_target_layers if config.num_target_layers is not None else "?",

@@ -333,14 +333,14 @@ class FewRowLinearMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
+        # Called for every torch op inside the forward: only F.linear is looked at.
         if func is torch.nn.functional.linear:
             x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
             if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
                     and weight.dim() == 2 and x.numel() // max(x.shape[-1], 1) in FEW_ROWS):
                 return linear_for_few_rows(x, weight, bias)
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
 def few_row_linear(device: torch.device, enabled: bool = True) -> Any:
