@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
+from transformers.utils import logging
 
 from .transformers_compat import (
     LinearStateSnapshot,
@@ -45,6 +47,8 @@ from .transformers_compat import (
 
 # Attention-only families, whose KV cache crops exactly, and hybrids with Gated-DeltaNet linear attention, whose
 # conv/recurrent states are rolled back by snapshot and re-run (see run_dflash_decoding).
+logger = logging.get_logger(__name__)
+
 SUPPORTED_TARGET_TYPES = (
     "llama", "qwen2", "qwen3", "qwen3_moe",
     "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
@@ -152,6 +156,13 @@ def validate_pair(target: nn.Module, drafter: nn.Module) -> None:
             f"{tcfg.hidden_size} = {expected}. The drafter was trained for a target with hidden size "
             f"{fc_in // max(1, len(cfg.target_layer_ids))}; use a drafter made for this target."
         )
+    drafter_vocab = getattr(cfg, "vocab_size", None)
+    if drafter_vocab is not None and drafter_vocab != tcfg.vocab_size:
+        raise ValueError(
+            f"The drafter was built for a vocabulary of {drafter_vocab} tokens but the target has {tcfg.vocab_size} "
+            "(config vocab_size). A DFlash drafter drafts with its target's own embedding, LM head and tokenizer; "
+            "use the drafter trained for this target, or build one with DFlashDraftModel.from_target(target)."
+        )
     embed = target.get_input_embeddings()
     vocab_rows = embed.weight.shape[0] if hasattr(embed, "weight") else tcfg.vocab_size
     embed_dim = embed.weight.shape[1] if hasattr(embed, "weight") else tcfg.hidden_size
@@ -186,6 +197,40 @@ def max_drafts_per_step(drafter: nn.Module) -> int:
     return wanted
 
 
+GENERATION_LOOPS = ("dflash", "transformers")
+SAMPLING_MODES = ("auto", "strict", "ratio")
+
+
+@dataclass(frozen=True)
+class DFlashOptions:
+    """The drafter's user-settable attributes, read and checked once per generate call.
+
+    ``getattr`` defaults keep drafters of older copies of this module (remote code saved before an option
+    existed) working.
+    """
+
+    generation_loop: str
+    sampling_mode: str
+    max_drafts: int
+    few_row_matmul_on_cpu: bool
+
+    @classmethod
+    def from_drafter(cls, drafter: nn.Module) -> "DFlashOptions":
+        loop = getattr(drafter, "generation_loop", "dflash")
+        if loop not in GENERATION_LOOPS:
+            raise ValueError(
+                f"drafter.generation_loop must be one of {GENERATION_LOOPS}, got {loop!r}: 'dflash' is our loop "
+                "(the default), 'transformers' drives DFlashCandidateGenerator from transformers' assisted loop."
+            )
+        mode = getattr(drafter, "sampling_mode", "auto")
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"drafter.sampling_mode must be one of {SAMPLING_MODES}, got {mode!r}.")
+        few_rows = getattr(drafter, "few_row_matmul_on_cpu", True)
+        if not isinstance(few_rows, bool):
+            raise ValueError(f"drafter.few_row_matmul_on_cpu must be True or False, got {few_rows!r}.")
+        return cls(loop, mode, max_drafts_per_step(drafter), few_rows)
+
+
 def is_dflash_drafter(model: Any) -> bool:
     return bool(getattr(model, "is_dflash_drafter", False)) and callable(getattr(model, "_dflash_decode", None))
 
@@ -199,10 +244,12 @@ def _looks_like_untrusted_dflash_checkpoint(model: Any) -> bool:
 # Taps: forward hooks on exactly the tapped decoder layers
 # ------------------------------------------------------------------------------------------------------------------
 class TapRecorder:
-    """Captures the outputs of ``layer_ids`` decoder layers on every target forward while active.
+    """Captures the outputs of ``layer_ids`` decoder layers on every target forward of its own thread.
 
     ``take()`` returns them concatenated on the feature axis: [B, T, K * hidden], in ``layer_ids`` order, on
-    ``device``. Hooks are removed on exit, also when generation raises.
+    ``device``. Hooks are removed on exit, also when generation raises. Forwards that other threads run on the
+    same target (a service answering two requests at once) pass through the hooks unrecorded: the hooks belong
+    to the module, the recording to the generate call that opened it.
     """
 
     def __init__(self, target: nn.Module, layer_ids: list[int], device: torch.device) -> None:
@@ -211,6 +258,7 @@ class TapRecorder:
         self.device = device
         self._captured: dict[int, torch.Tensor] = {}
         self._handles: list = []
+        self._thread = threading.get_ident()
 
     def __enter__(self) -> "TapRecorder":
         for idx in self.layer_ids:
@@ -218,7 +266,8 @@ class TapRecorder:
         return self
 
     def _record(self, idx: int, module: nn.Module, args: Any, output: Any) -> None:
-        self._captured[idx] = layer_output_hidden(output).detach()
+        if threading.get_ident() == self._thread:
+            self._captured[idx] = layer_output_hidden(output).detach()
 
     def take(self) -> torch.Tensor:
         missing = [i for i in self.layer_ids if i not in self._captured]
@@ -253,7 +302,8 @@ class DraftSession:
         self.mask_token_id = drafter.config.mask_token_id
         self.device = drafter.fc.weight.device
         self.cache = DraftCache()
-        self.max_drafts = max_drafts_per_step(drafter)
+        self.options = DFlashOptions.from_drafter(drafter)
+        self.max_drafts = self.options.max_drafts
 
     @torch.no_grad()
     def propose(
@@ -277,7 +327,7 @@ class DraftSession:
         block_positions = anchor_position[:, None] + offsets  # [R, B]
         embeds = self.embed(block.to(self.embed.weight.device))
         head = self.draft_head()
-        with few_row_linear(self.device, getattr(self.drafter, "few_row_matmul_on_cpu", True)):
+        with few_row_linear(self.device, self.options.few_row_matmul_on_cpu):
             hidden = self.drafter(
                 embeds.to(self.device),
                 context_taps.to(self.device),
@@ -305,6 +355,76 @@ class DraftSession:
             cached = (key, copy)
             self.drafter._draft_head_cache = cached  # a plain attribute (a tuple): never saved, moved or trained
         return cached[1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Generating on a filled cache (multi-turn reuse)
+# ------------------------------------------------------------------------------------------------------------------
+DRAFT_CONTEXT_ATTR = "_dflash_draft_context"
+
+
+@dataclass
+class SavedDraftContext:
+    """The drafter's context left on a target cache that a one-row DFlash generate returned.
+
+    ``draft_cache`` holds the context of every position but the last accepted block's, which is ``pending``
+    [1, C, K*H] at ``pending_positions`` [1, C]; together they cover every position the target cache holds.
+    ``owner`` names the drafter whose weights produced them.
+    """
+
+    owner: tuple
+    draft_cache: Any
+    pending: torch.Tensor
+    pending_positions: torch.Tensor
+
+
+def _drafter_identity(drafter: nn.Module) -> tuple:
+    weight = drafter.fc.weight
+    return id(drafter), weight.data_ptr(), weight._version
+
+
+def prompt_tokens_in_cache(cache: Any, input_ids: torch.Tensor) -> int:
+    """How many leading prompt tokens ``cache`` already holds (0 for the fresh cache generate makes)."""
+    cached = cache.get_seq_length()
+    if cached >= input_ids.shape[1]:
+        raise ValueError(
+            f"The cache passed to generate already holds {cached} positions but the prompt has only "
+            f"{input_ids.shape[1]} tokens. The cache must hold a strict prefix of the prompt: pass the previous "
+            "turn's cache with the previous sequences followed by the new turn's tokens, or a fresh cache."
+        )
+    return cached
+
+
+def keep_draft_context(cache: Any, session: DraftSession, pending: torch.Tensor, pending_positions: torch.Tensor) -> None:
+    """Leave the drafter's context on the returned target cache, so that a generate continuing from that cache
+    (the next turn of a chat) drafts with the whole conversation as context, not just the new turn."""
+    setattr(cache, DRAFT_CONTEXT_ATTR, SavedDraftContext(
+        _drafter_identity(session.drafter), session.cache, pending, pending_positions
+    ))
+
+
+def resume_draft_context(
+    cache: Any, session: DraftSession, cached: int, context: torch.Tensor, context_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context for the first draft when the target cache already held ``cached`` prompt tokens.
+
+    When an earlier DFlash generate of the same drafter left its context on the cache, the drafter gets it back
+    (cut to the cached positions) and the call drafts as if it had seen the whole prompt. Otherwise (a cache
+    filled by plain generate) the drafter sees only the uncached tokens: fewer drafts accepted in this call,
+    the same output tokens — the target decides every one of them.
+    """
+    saved = getattr(cache, DRAFT_CONTEXT_ATTR, None)
+    if saved is None or saved.owner != _drafter_identity(session.drafter):
+        return context, context_positions
+    covered = int(saved.pending_positions[0, -1]) + 1 if saved.pending_positions.numel() else saved.draft_cache.length()
+    if covered < cached:  # the target cache grew after the drafter last saw it
+        return context, context_positions
+    session.cache = saved.draft_cache
+    session.cache.drop_from(cached)
+    keep = saved.pending_positions[0] < cached
+    pending, pending_positions = saved.pending[:, keep], saved.pending_positions[:, keep]
+    return (torch.cat((pending.to(context.device), context), dim=1),
+            torch.cat((pending_positions.to(context_positions.device), context_positions), dim=1))
 
 
 FEW_ROWS = range(2, 17)
@@ -402,6 +522,51 @@ def process_draft_scores(
         token = verifier.sample_drafts(slot[:, None], first_position + t)
         prefix = torch.cat((prefix, token), dim=1)
     return torch.stack(processed, dim=1)
+
+
+class BatchProcessorView:
+    """Runs generate's logits processors for the rows of a DFlash batch as plain batched ``generate`` runs them.
+
+    Plain ``generate`` calls every processor on the whole batch, ``input_ids`` [N, L] with row ``b`` at index
+    ``b``; processors may depend on that index (``prefix_allowed_tokens_fn(batch_id, …)``) or hold one entry per
+    row (repetition penalty's per-row prompt length). DFlash rows advance by different amounts, so one call
+    cannot hold every row at its own length. Instead each call holds all N rows at ONE length ℓ: the rows being
+    scored at ℓ carry their real prefix, every other row a stand-in of that length (its own sequence cut to ℓ,
+    or right-padded with the pad token as plain ``generate`` pads a finished row); the stand-ins' outputs are
+    discarded. A call therefore scores every row whose block covers position ℓ at once.
+    """
+
+    def __init__(self, logits_processor: Any, num_rows: int, pad_token: Any) -> None:
+        self.logits_processor = logits_processor
+        self.num_rows = num_rows
+        self.pad_token = 0 if pad_token is None else int(pad_token)
+
+    def __bool__(self) -> bool:
+        return bool(self.logits_processor)
+
+    def score(self, requests: list[tuple[int, torch.Tensor, torch.Tensor]], stand_ins: list[torch.Tensor]) -> list:
+        """requests: (batch row, prefix [ℓ], scores [V]); stand_ins: each batch row's longest known ids [L_b].
+        Returns the processed fp32 scores [V] of every request, in order."""
+        by_length: dict[int, list[int]] = {}
+        for k, (_, prefix, _) in enumerate(requests):
+            by_length.setdefault(prefix.shape[0], []).append(k)
+        out: list = [None] * len(requests)
+        for length, members in by_length.items():
+            ids = torch.stack([self._stand_in(row, length) for row in stand_ins])  # [N, ℓ]
+            scores = requests[members[0]][2].new_zeros(self.num_rows, requests[members[0]][2].shape[-1]).float()
+            for k in members:
+                row, prefix, row_scores = requests[k]
+                ids[row] = prefix
+                scores[row] = row_scores.float()
+            processed = self.logits_processor(ids, scores)
+            for k in members:
+                out[k] = processed[requests[k][0]]
+        return out
+
+    def _stand_in(self, row_ids: torch.Tensor, length: int) -> torch.Tensor:
+        if row_ids.shape[0] >= length:
+            return row_ids[:length]
+        return torch.cat((row_ids, row_ids.new_full((length - row_ids.shape[0],), self.pad_token)))
 
 
 def _verify_portable(scores: torch.Tensor, drafts: torch.Tensor, do_sample: bool) -> tuple[int, torch.Tensor]:
@@ -506,7 +671,15 @@ class BlockVerifier:
 # ------------------------------------------------------------------------------------------------------------------
 # The decode loop (the default path of generate with a DFlash assistant)
 # ------------------------------------------------------------------------------------------------------------------
-def _check_request(target: nn.Module, generation_config: Any, input_ids: torch.Tensor, synced_gpus: bool) -> None:
+def _check_request(
+    target: nn.Module, generation_config: Any, input_ids: torch.Tensor, synced_gpus: bool, model_kwargs: dict
+) -> None:
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "generate(inputs_embeds=...) is not supported with a DFlash assistant: the drafter opens each block "
+            "with a token id, and the target verifies token ids. Pass input_ids (and attention_mask) instead, or "
+            "drop assistant_model."
+        )
     if input_ids.shape[1] == 0:
         raise ValueError("The prompt is empty: DFlash needs at least one prompt token (e.g. the BOS token).")
     context = getattr(target_text_config(target), "max_position_embeddings", None)
@@ -559,16 +732,19 @@ def run_dflash_decoding(
     """DFlash decoding with the arguments generate hands to ``_assisted_decoding``."""
     for key in ("inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"):
         model_kwargs.pop(key, None)
-    _check_request(target, generation_config, input_ids, synced_gpus)
+    _check_request(target, generation_config, input_ids, synced_gpus, model_kwargs)
     validate_pair(target, drafter)
+    options = DFlashOptions.from_drafter(drafter)
     if input_ids.shape[0] > 1:
         return run_batched_dflash_decoding(
-            target, drafter, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+            target, drafter, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+            options=options, **model_kwargs
         )
 
     cache = cache_from_model_kwargs(model_kwargs)
     if cache is None:
         raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
+    cached = prompt_tokens_in_cache(cache, input_ids)
     activate_past_recording(cache)
     snapshot = LinearStateSnapshot(cache) if has_linear_attention(cache) else None
     cache_kwarg = forward_cache_kwarg(target)
@@ -576,7 +752,7 @@ def run_dflash_decoding(
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     do_sample = bool(generation_config.do_sample)
-    verifier = BlockVerifier(do_sample, getattr(drafter, "sampling_mode", "auto"), input_ids.device)
+    verifier = BlockVerifier(do_sample, options.sampling_mode, input_ids.device)
     want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     scores_out: list[torch.Tensor] = []
@@ -588,17 +764,21 @@ def run_dflash_decoding(
     device = input_ids.device
     positions = _positions_from_mask(attention_mask, input_ids.shape[1], device)
 
-    def target_forward(tokens: torch.Tensor, token_positions: torch.Tensor, prefill: bool) -> torch.Tensor:
-        """tokens, token_positions: [1, T]. The prefill keeps only the last logits; a verify step keeps all."""
+    def target_forward(
+        tokens: torch.Tensor, token_positions: torch.Tensor, prefill: bool, start: int | None = None
+    ) -> torch.Tensor:
+        """tokens, token_positions: [1, T]; ``start``: sequence index of tokens[:, 0] (default: the uncached
+        prompt for the prefill, the pending token for a verify step). The prefill keeps only the last logits."""
         mask = attention_mask
         if mask is not None:  # the prompt's mask, extended over every token processed since
-            processed = 0 if prefill else input_ids.shape[1] - 1
-            mask = torch.cat((mask, mask.new_ones(1, processed + tokens.shape[1] - mask.shape[1])), dim=1)
+            if start is None:
+                start = cached if prefill else input_ids.shape[1] - 1
+            mask = torch.cat((mask, mask.new_ones(1, start + tokens.shape[1] - mask.shape[1])), dim=1)
         kwargs = {cache_kwarg: cache, "use_cache": True, "attention_mask": mask, "position_ids": token_positions.clamp(min=0)}
         if prefill and target._supports_logits_to_keep():
             kwargs["logits_to_keep"] = 1
         stats.num_target_forwards += 1
-        with few_row_linear(device, not prefill and getattr(drafter, "few_row_matmul_on_cpu", True)):
+        with few_row_linear(device, not prefill and options.few_row_matmul_on_cpu):
             return target(input_ids=tokens, **kwargs).logits
 
     def commit(tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
@@ -610,8 +790,8 @@ def run_dflash_decoding(
             stats.new_tokens += 1
             if want_scores:
                 scores_out.append(step_scores[:, i])
-            if want_logits:
-                logits_out.append(step_logits[:, i])
+            if want_logits:  # float32, as plain generate returns them whatever the model's dtype
+                logits_out.append(step_logits[:, i].float())
             if bool(stopping_criteria(input_ids, step_scores[:, i]).any()):
                 if streamer is not None:
                     streamer.put(tokens[: i + 1].cpu())
@@ -622,8 +802,11 @@ def run_dflash_decoding(
 
     with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad():
         t0 = time.perf_counter()
-        logits = target_forward(input_ids, positions, prefill=True)[:, -1:]
-        context, context_positions = taps.take(), positions  # [1, P, K*H], [1, P]
+        # Only the prompt tokens the cache does not hold yet (all of them unless generate got a filled cache).
+        logits = target_forward(input_ids[:, cached:], positions[:, cached:], prefill=True)[:, -1:]
+        context, context_positions = taps.take(), positions[:, cached:]  # [1, P, K*H], [1, P]
+        if cached:
+            context, context_positions = resume_draft_context(cache, session, cached, context, context_positions)
         no_drafts = input_ids[:, :0]
         scores = process_block_scores(logits, input_ids, no_drafts, logits_processor)
         _, first_token = verifier(scores, no_drafts, input_ids.shape[1])
@@ -669,8 +852,23 @@ def run_dflash_decoding(
             stats.acceptance_lengths.append(accepted + 1)
             committed = torch.cat((drafts[0, :accepted], next_token))
             done = commit(committed, scores[:, : accepted + 1], logits[:, : accepted + 1])
+            # A stop inside the block leaves processed tokens past the end of the sequence: drop them, so that
+            # the returned cache holds exactly what plain generate's does (every token but the last).
+            surplus = cache.get_seq_length() - (input_ids.shape[1] - 1)
+            if done and surplus > 0:
+                kept = accepted + 1 - surplus
+                if snapshot is not None:  # back to before the block, then forward over the kept tokens only
+                    snapshot.restore(accepted + 1)
+                    target_forward(block[:, :kept], context_positions[:, :kept], prefill=False,
+                                   start=int(block_positions[0, 0]))
+                    taps.take()
+                    stats.num_rollback_forwards += 1
+                else:
+                    crop_cache(cache, surplus)
+                context, context_positions = context[:, :kept], context_positions[:, :kept]
             stats.verify_time_s += time.perf_counter() - t1
         stats.draft_cache_bytes = session.cache.nbytes()
+        keep_draft_context(cache, session, context, context_positions)
 
     if streamer is not None:
         streamer.end()
@@ -712,10 +910,12 @@ def run_batched_dflash_decoding(
     stopping_criteria: Any,
     generation_config: Any,
     streamer: Any = None,
+    options: DFlashOptions | None = None,
     **model_kwargs: Any,
 ) -> Any:
     """DFlash decoding of a (left-padded) batch: every row equals plain ``generate`` on that prompt alone."""
     num_rows = input_ids.shape[0]
+    options = options or DFlashOptions.from_drafter(drafter)
     cache = cache_from_model_kwargs(model_kwargs)
     if cache is None:
         raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
@@ -744,7 +944,7 @@ def run_batched_dflash_decoding(
         pad_token = eos.view(-1)[0]
 
     cache_kwarg = forward_cache_kwarg(target)
-    verifier = BlockVerifier(bool(generation_config.do_sample), getattr(drafter, "sampling_mode", "auto"), device)
+    verifier = BlockVerifier(bool(generation_config.do_sample), options.sampling_mode, device)
     session = DraftSession(target, drafter)
     block_size = session.block_size
     stats = DFlashStats(sampling=verifier.mode, block_size=block_size, verify_backend=verifier.backend)
@@ -765,15 +965,43 @@ def run_batched_dflash_decoding(
         stats.num_target_forwards += 1
         for r in live.tolist():
             row_stats[r].num_target_forwards += 1
-        with few_row_linear(device, not prefill and getattr(drafter, "few_row_matmul_on_cpu", True)):
+        with few_row_linear(device, not prefill and options.few_row_matmul_on_cpu):
             return target(input_ids=tokens, **kwargs).logits
 
+    processors = BatchProcessorView(logits_processor, num_rows, pad_token)
+
+    def stand_ins(drafts: torch.Tensor) -> list[torch.Tensor]:
+        """Each batch row's longest known ids: its sequence, and for a live row its drafts after it."""
+        rows = [seq[0] for seq in sequences]
+        for i, r in enumerate(live.tolist()):
+            rows[r] = torch.cat((rows[r], drafts[i]))
+        return rows
+
     def row_scores(logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-        """Processors run per row on that row's own sequence, as plain generate would run them."""
-        return torch.cat([
-            process_block_scores(logits[i : i + 1], sequences[r], drafts[i : i + 1], logits_processor)
-            for i, r in enumerate(live.tolist())
-        ])
+        """logits [R, n+1, V] -> fp32 scores: slot t of live row i is processed with its sequence + drafts[:t]."""
+        if not processors:
+            return logits.float()
+        requests = [
+            (r, torch.cat((sequences[r][0], drafts[i, :t])), logits[i, t])
+            for i, r in enumerate(live.tolist()) for t in range(logits.shape[1])
+        ]
+        processed = processors.score(requests, stand_ins(drafts))
+        return torch.stack(processed).view(logits.shape[0], logits.shape[1], -1)
+
+    def sampled_drafts(draft_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ratio mode: drafts [R, n] sampled slot after slot from the processed q, and that q [R, n, V]."""
+        if not processors or draft_logits.shape[1] == 0:
+            draft_scores = draft_logits.float()
+            return verifier.sample_draft_rows(draft_scores, real_len + 1), draft_scores
+        drafts = draft_logits.new_zeros(draft_logits.shape[:2], dtype=torch.long)
+        slots = []
+        for t in range(draft_logits.shape[1]):
+            requests = [(r, torch.cat((sequences[r][0], drafts[i, :t])), draft_logits[i, t])
+                        for i, r in enumerate(live.tolist())]
+            slot = torch.stack(processors.score(requests, stand_ins(drafts[:, :t])))  # [R, V]
+            drafts[:, t] = verifier.sample_draft_rows(slot[:, None], real_len + 1 + t)[:, 0]
+            slots.append(slot)
+        return drafts, torch.stack(slots, dim=1)
 
     def commit(row: int, tokens: list[int], step_scores: torch.Tensor) -> bool:
         """Append a row's tokens one at a time; True once one of its stopping criteria fires."""
@@ -788,7 +1016,11 @@ def run_batched_dflash_decoding(
     with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad():
         t0 = time.perf_counter()
         prompt_positions = _positions_from_mask(attention_mask, input_ids.shape[1], device)  # -1 on padding
-        logits = forward(input_ids, prompt_positions, attention_mask, prefill=True)[:, -1:]
+        # Only the prompt columns the cache does not hold yet. The drafter's context starts there: a batch returns
+        # no cache of its own (rows leave it as they finish), so a filled one came from plain generate.
+        cached = prompt_tokens_in_cache(cache, input_ids)
+        prompt_positions = prompt_positions[:, cached:]
+        logits = forward(input_ids[:, cached:], prompt_positions, attention_mask, prefill=True)[:, -1:]
         context, context_positions = taps.take(), prompt_positions  # [R, P, K*H], [R, P]
         no_drafts = input_ids[:, :0]
         scores = row_scores(logits, no_drafts)
@@ -816,12 +1048,7 @@ def run_batched_dflash_decoding(
             draft_logits = draft_logits[:, :width].to(device)
             draft_scores = None
             if verifier.samples_drafts:
-                draft_scores = torch.cat([
-                    process_draft_scores(draft_logits[i : i + 1], sequences[r], logits_processor, verifier,
-                                         first_position=int(real_len[i]) + 1)
-                    for i, r in enumerate(live.tolist())
-                ]) if logits_processor else draft_logits.float()
-                drafts = verifier.sample_draft_rows(draft_scores, real_len + 1)
+                drafts, draft_scores = sampled_drafts(draft_logits)
             else:
                 drafts = draft_logits.argmax(dim=-1)  # [R, n]
             t1 = time.perf_counter()
@@ -927,6 +1154,7 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.max_length = getattr(generation_config, "max_length", None)
         self.context_len = 0  # positions already in the draft cache
         self.last_forward_start: int | None = None  # position of the first token of the last target forward
+        self.prompt_len: int | None = None  # set until the prefill's taps are read
         self.stats = DFlashStats(sampling="strict" if getattr(generation_config, "do_sample", False) else "greedy")
         self.stats.block_size = drafter.config.block_size
         drafter.last_stats = self.stats
@@ -936,10 +1164,16 @@ class DFlashCandidateGenerator(CandidateGenerator):
         cur_len = input_ids.shape[1]
         if self.last_forward_start is None:  # the target has not run yet: let its prefill produce the context
             self.last_forward_start = 0
+            self.prompt_len = cur_len
             return input_ids, None
         t0 = time.perf_counter()
         captured = self.taps.take()  # [1, T, K*H] for positions last_forward_start …
-        if self.last_forward_start > 0:
+        if self.prompt_len is not None:
+            # The prefill ran over the prompt tokens its cache lacked: a filled cache (multi-turn) held the rest,
+            # whose context the drafter never gets in this loop.
+            self.last_forward_start = self.context_len = self.prompt_len - captured.shape[1]
+            self.prompt_len = None
+        else:
             self.stats.acceptance_lengths.append(cur_len - 1 - self.last_forward_start)
         self.stats.num_target_forwards += 1
         context = captured[:, self.context_len - self.last_forward_start : cur_len - 1 - self.last_forward_start]
@@ -967,7 +1201,7 @@ class DFlashCandidateGenerator(CandidateGenerator):
         if self.last_forward_start is None:
             return
         self.stats.num_target_forwards += 1
-        if self.last_forward_start > 0:
+        if self.prompt_len is None:  # a verify step ran after the prefill
             self.stats.acceptance_lengths.append(final_len - 1 - self.last_forward_start)
 
     def close(self) -> None:
@@ -1016,6 +1250,15 @@ def install_generate_patch() -> None:
                     "drop assistant_model."
                 )
             assistant._dflash_validate(self)
+            generation_config = args[1] if len(args) > 1 else kwargs.get("generation_config")
+            if generation_config is not None and generation_config.use_cache is False:
+                # Runs before generate prepares its cache. DFlash verifies blocks against a KV cache; with or without
+                # one the target computes the same tokens, so the request is honoured in what it returns.
+                logger.warning_once(
+                    "use_cache=False is ignored with a DFlash assistant: DFlash needs the target's KV cache (the "
+                    "output is the same). Drop use_cache=False to silence this warning."
+                )
+                generation_config.use_cache = True
             if getattr(self, "_is_stateful", False):
                 # transformers refuses assisted decoding on stateful (hybrid) models because its loop cannot roll
                 # their states back; the DFlash loop can, the stock loop cannot.
@@ -1047,6 +1290,13 @@ def install_generate_patch() -> None:
             return original_assisted(self, *args, **kwargs)
         if getattr(assistant, "generation_loop", "dflash") != "transformers":
             return assistant._dflash_decode(self, *args, **kwargs)
+        filled = cache_from_model_kwargs(kwargs)
+        if filled is not None and filled.get_seq_length() > 0:
+            raise ValueError(
+                "drafter.generation_loop = 'transformers' cannot continue from a filled cache: transformers' assisted "
+                "loop returns different tokens from plain generate there (with any assistant, also prompt lookup). "
+                "Use the DFlash loop (drafter.generation_loop = 'dflash', the default), or pass no cache."
+            )
         generators = assistant._dflash_open_generators = []
         try:
             result = original_assisted(self, *args, **kwargs)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .configuration_dflash import DFlashConfig, default_target_layer_ids
-from .generation_dflash import DFlashStats, install_generate_patch, run_dflash_decoding, validate_pair
+from .generation_dflash import DFlashOptions, DFlashStats, install_generate_patch, run_dflash_decoding, validate_pair
 
 
 class DFlashRMSNorm(nn.Module):
@@ -102,6 +102,14 @@ class DraftCache:
             self.keys[i] = self.keys[i][rows]
             self.values[i] = self.values[i][rows]
             self.positions[i] = self.positions[i][rows]
+
+    def drop_from(self, position: int) -> None:
+        """Forget every entry at ``position`` or later (a rewound or shorter target cache). One row only."""
+        for i in range(len(self.keys)):
+            keep = int((self.positions[i][0] < position).sum())  # one row's positions only increase
+            self.keys[i] = self.keys[i][:, :, :keep]
+            self.values[i] = self.values[i][:, :, :keep]
+            self.positions[i] = self.positions[i][:, :keep]
 
     def padding_slots(self, layer: int = 0) -> int:
         """Entries a compaction would free: cache length minus the most real entries any row holds."""
@@ -437,14 +445,20 @@ class DFlashDraftModel(DFlashPreTrainedModel):
     ) -> "DFlashDraftModel":
         """An untrained drafter sized from ``target``'s config, on the target's device and dtype.
 
-        ``target_layer_ids`` default to DESIGN §4's spread (``num_taps`` of them, default ``min(5, L // 2)`` …
-        at least one). ``mask_token_id`` defaults to the tokenizer-independent choice of the target's pad or
+        ``target_layer_ids`` default to ``num_taps`` distinct layers spread evenly over ``1 … L-3`` (default
+        ``max(1, min(5, L // 4))`` taps; one in the middle for a single tap or a target under 5 layers). ``mask_token_id`` defaults to the tokenizer-independent choice of the target's pad or
         last vocabulary row. ``init_from_target=True`` copies the matching weights of evenly spaced target
         decoder layers into the drafter layers (attention, MLP and norms), which speeds up training.
         """
-        from .generation_dflash import target_text_config, target_decoder_layers
+        from .generation_dflash import SUPPORTED_TARGET_TYPES, target_decoder_layers, target_text_config
 
         tcfg = target_text_config(target)
+        if getattr(tcfg, "model_type", None) not in SUPPORTED_TARGET_TYPES:
+            raise ValueError(
+                f"DFlash cannot build a drafter for a {type(target).__name__} (model_type "
+                f"{getattr(tcfg, 'model_type', None)!r}); supported target families: "
+                f"{', '.join(SUPPORTED_TARGET_TYPES)}."
+            )
         num_layers = tcfg.num_hidden_layers
         if target_layer_ids is None:
             taps = num_taps if num_taps is not None else max(1, min(5, num_layers // 4))
@@ -501,6 +515,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
 
     def _dflash_validate(self, target: PreTrainedModel) -> None:
         validate_pair(target, self)
+        DFlashOptions.from_drafter(self)
 
 
 def _home_device(target: PreTrainedModel) -> torch.device:
@@ -509,7 +524,13 @@ def _home_device(target: PreTrainedModel) -> torch.device:
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
-    return next(p.device for p in target.parameters() if p.device.type != "meta")
+    for param in target.parameters():
+        if param.device.type != "meta":
+            return param.device
+    raise ValueError(
+        f"Every weight of this {type(target).__name__} is on the meta device (built without weights, e.g. under "
+        "init_empty_weights). Load the target with its weights (from_pretrained) before building a drafter for it."
+    )
 
 
 DFlashConfig.register_for_auto_class()

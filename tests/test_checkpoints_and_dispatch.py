@@ -247,7 +247,7 @@ PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_d
 # What remote code may import: the libraries it runs on, and standard modules that neither reach the network nor
 # start processes. Relative imports (its own files) are always fine.
 ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "contextlib", "dataclasses", "functools", "importlib",
-                   "inspect", "math", "pathlib", "time", "typing"}
+                   "inspect", "math", "pathlib", "threading", "time", "typing"}
 # (os, shutil, subprocess, socket and urllib cannot be imported at all, so their calls need no listing.)
 FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "write_text", "write_bytes", "mkdir", "touch"}
 
