@@ -7,6 +7,7 @@ prompt-lookup) output is compared with plain greedy: a mismatch is reported, nev
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import sys
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import atomic_write_text, chat_prompt_ids, load_prompts
+from .data import chat_prompt_ids, load_prompts
+from .fileio import atomic_file, atomic_write_text
 from .generation_dflash import few_row_linear, max_drafts_per_step
 from .modeling_dflash import DraftCache
 from .transformers_compat import crop_cache, forward_cache_kwarg
@@ -392,11 +394,19 @@ def _save_figure(fig: Any, path: str | Path) -> None:
     """Write a PNG atomically (a reader never sees half a file) and free the figure."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+PLOT_EXTRA = "pip install 'dflash-hf[bench]'"  # the extra that brings matplotlib
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed, so that the bench can draw its PNG next to its JSON."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def format_table(results: dict) -> str:
@@ -445,11 +455,15 @@ def plot_results(results: dict, path: str | Path) -> None:
     _save_figure(fig, path)
 
 
-def write_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+def write_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path | None]:
+    """``bench.json`` and, when matplotlib is installed (see ``can_plot``), ``bench.png``; returns both paths, the
+    PNG's None when it was skipped."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "bench.json", out_dir / "bench.png"
     atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    if not can_plot():
+        return json_path, None
     plot_results(results, png_path)
     return json_path, png_path
 
@@ -459,6 +473,7 @@ def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[
 
 
 __all__ = [
-    "TransformersDFlashAdapter", "default_prompt_file", "format_batch_table", "format_table", "load_prompt_file", "plot_batch_results",
-    "plot_results", "run_batch_bench", "run_bench", "sampling_acceptance", "transformers_has_dflash", "write_outputs",
+    "PLOT_EXTRA", "TransformersDFlashAdapter", "can_plot", "default_prompt_file", "format_batch_table", "format_table",
+    "load_prompt_file", "plot_batch_results", "plot_results", "run_batch_bench", "run_bench", "sampling_acceptance",
+    "transformers_has_dflash", "write_outputs",
 ]

@@ -1,19 +1,185 @@
-"""The ``dflash-hf`` command: demo, generate, bench, train, export, publish."""
+"""The dflash-hf command: demo, generate, bench, train, export, publish.
+
+Arguments are checked when they are parsed, before any model loads; torch and transformers are imported inside
+the commands, so that ``dflash-hf --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
+import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 DEFAULT_PROMPT = "Explain in a few sentences why the sea is salty."
+DTYPES = ("float32", "bfloat16", "float16")
+# generation_dflash.MAX_BLOCK_SIZE, repeated so that parsing needs no torch (a test checks that they agree).
+MAX_BLOCK_SIZE = 128
+DESCRIPTION = (
+    "DFlash speculative decoding for transformers: a small block-diffusion drafter proposes a block of tokens, "
+    "the target verifies it in one forward, and the output is what plain generate returns."
+)
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs found after parsing: printed as ``dflash-hf: error: …``, exit 2."""
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """Loading and checking models: their ValueError/OSError/ImportError become a CommandError (no traceback)."""
+    try:
+        yield
+    except (ValueError, OSError, ImportError) as err:
+        raise CommandError(str(err)) from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types: each raises argparse.ArgumentTypeError, which argparse reports as a usage error
+# ----------------------------------------------------------------------------------------------------------------
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (no upper bound when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``low`` (or equal to it when ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"must be a finite number {relation} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a Hub id (``org/name``): absolute, ``./``, ``../``, ``~`` or several slashes."""
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def model_source(text: str) -> str:
+    """An argparse type: a model folder that exists, or a Hub id."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{text} is a file; give the model's folder (config.json and the weights) or a Hub id (org/name)"
+            )
+        return str(path)
+    if _looks_like_path(text):
+        raise argparse.ArgumentTypeError(f"the folder {text} does not exist (a Hub id looks like org/name)")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a file that exists."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        reason = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {reason}")
+    return str(path)
+
+
+def prompt_source(text: str) -> str:
+    """An argparse type: a JSONL file that exists, or a ``datasets`` id (a path-like name must exist)."""
+    if not Path(text).expanduser().exists() and (_looks_like_path(text) or text.endswith((".jsonl", ".json"))):
+        raise argparse.ArgumentTypeError(f"{text} does not exist (give a JSONL file or a datasets id such as org/name)")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: a folder to write into (made if missing), not an existing file."""
+    if Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder to write the results into")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def _is_dflash_config(config: dict) -> bool:
+    """z-lab's and our configs nest ``dflash_config``; other DFlash formats say so in model_type/architectures."""
+    return (
+        isinstance(config.get("dflash_config"), dict)
+        or config.get("model_type") == "dflash"
+        or "DFlashDraftModel" in (config.get("architectures") or [])
+    )
+
+
+def _config_dict(source: str) -> dict:
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(source)
+    return config
+
+
+def _require_drafter(source: str, option: str = "--drafter") -> None:
+    """Refuse a plain model given where a DFlash drafter belongs, before anything loads."""
+    config = _config_dict(source)
+    if not _is_dflash_config(config):
+        raise ValueError(
+            f"{option} {source} is not a DFlash checkpoint: its config.json (model_type "
+            f"{config.get('model_type')!r}, architectures {config.get('architectures')!r}) has no dflash_config. "
+            f"{option} takes a DFlash drafter (written by `dflash-hf train` or `dflash-hf export`, or z-lab's); "
+            "a plain model is a --target."
+        )
+
+
+def _refuse_drafter_as_target(source: str) -> None:
+    if _is_dflash_config(_config_dict(source)):
+        raise ValueError(
+            f"--target {source} is a DFlash drafter, not a target model; pass it as --drafter and give the model "
+            "it drafts for as --target."
+        )
+
+
+def _load_target(target_path: str | None, torch_dtype: Any = None) -> tuple[Any, Any]:
+    """The offline default target, or a transformers id/folder, and its tokenizer."""
+    if target_path is None:
+        from .default_pair import load_default_target
+
+        return load_default_target(torch_dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _refuse_drafter_as_target(target_path)
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch_dtype or "auto", device_map="auto").eval()
+    return target, tokenizer
+
+
+def _load_drafter(source: str, target: Any, dtype: Any, option: str = "--drafter") -> Any:
+    """A DFlash drafter on the target's device, checked against the target (a mismatch fails here, not later)."""
+    from .generation_dflash import validate_pair
+    from .modeling_dflash import DFlashDraftModel
+
+    _require_drafter(source, option)
+    drafter = DFlashDraftModel.from_pretrained(source, dtype=dtype).to(target.device).eval()
+    validate_pair(target, drafter)
+    return drafter
 
 
 def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | None,
@@ -22,33 +188,34 @@ def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | N
 
     The drafter takes the target's dtype unless ``drafter_dtype`` is given (drafts are proposals: a bfloat16
     drafter of a float32 target changes speed and acceptance, never the output)."""
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    if target_path is None:
-        from .default_pair import default_drafter_dir, load_default_target
+    import torch
 
-        target, tokenizer = load_default_target(torch_dtype)
-        drafter_path = drafter_path or str(default_drafter_dir())
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(target_path)
-        target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch_dtype or "auto", device_map="auto").eval()
+    with _reported():
+        if drafter_path is not None:
+            _require_drafter(drafter_path)  # before the target: a wrong drafter fails in a second
+        target, tokenizer = _load_target(target_path, getattr(torch, dtype) if dtype else None)
         if drafter_path is None:
-            raise SystemExit("--drafter is required when --target is given.")
-    from .modeling_dflash import DFlashDraftModel
+            from .default_pair import default_drafter_dir
 
-    drafter_torch_dtype = getattr(torch, drafter_dtype) if drafter_dtype else target.dtype
-    drafter = DFlashDraftModel.from_pretrained(drafter_path, dtype=drafter_torch_dtype).to(target.device).eval()
+            drafter_path = str(default_drafter_dir())
+        drafter_torch_dtype = getattr(torch, drafter_dtype) if drafter_dtype else target.dtype
+        drafter = _load_drafter(drafter_path, target, drafter_torch_dtype)
     return target, tokenizer, drafter
 
 
-def _chat_ids(tokenizer: Any, prompt: str, device: torch.device) -> torch.Tensor:
+def _chat_ids(tokenizer: Any, prompt: str, device: Any) -> Any:
+    import torch
+
     from .data import chat_prompt_ids
 
     return torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# demo, generate
+# ----------------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
     from transformers import TextStreamer
 
     started = time.perf_counter()
@@ -79,6 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
     from transformers import TextStreamer
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
@@ -93,15 +261,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, load_prompt_file, run_bench, sampling_acceptance, write_outputs
+def _check_pair_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.target is not None and args.drafter is None:
+        parser.error("--drafter is required with --target (the shipped drafter belongs to the default target)")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import PLOT_EXTRA, can_plot, load_prompt_file
+
+    if not can_plot():  # said now, not after the run: the JSON is still written
+        print(f"dflash-hf: matplotlib is not installed: the bench writes its JSON and skips the PNG "
+              f"({PLOT_EXTRA} adds it).", file=sys.stderr)
+    with _reported():
+        prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
+    if args.batch_size and max(args.batch_size) > len(prompts):
+        raise CommandError(f"--batch-size {max(args.batch_size)} needs at least that many prompts; "
+                           f"{len(prompts)} were loaded (raise --num-prompts or give a longer --prompts file).")
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
     if args.num_speculative_tokens is not None:  # else the drafter's own default (its config, or all)
+        most = drafter.config.block_size - 1
+        if args.num_speculative_tokens > most:
+            raise CommandError(f"--num-speculative-tokens {args.num_speculative_tokens} exceeds the drafts of one "
+                               f"block of this drafter (block_size - 1 = {most}).")
         drafter.num_speculative_tokens = args.num_speculative_tokens
-    prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
     if args.batch_size:
         return _bench_batches(args, target, tokenizer, drafter, prompts)
+    return _bench_methods(args, target, tokenizer, drafter, prompts)
+
+
+def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
+    from .bench import format_table, run_bench, sampling_acceptance, write_outputs
+
     results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
     if args.sampling_temperature is not None:
@@ -114,31 +307,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
         modes = ", ".join(f"{m} {v:.2f}" for m, v in results["sampling_acceptance"].items())
         print(f"sampling at temperature {args.sampling_temperature}: mean acceptance length {modes}")
     json_path, png_path = write_outputs(results, args.out)
-    print(f"wrote {json_path} and {png_path}")
+    print(_wrote(json_path, png_path, "bench.png"))
     return 0 if results["lossless"] else 1
 
 
 def _bench_batches(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
-    from .bench import format_batch_table, plot_batch_results, run_batch_bench
-    from .data import atomic_write_text
+    from .bench import can_plot, format_batch_table, plot_batch_results, run_batch_bench
+    from .fileio import atomic_write_text
 
-    if max(args.batch_size) > len(prompts):
-        raise SystemExit(f"--batch-size {max(args.batch_size)} needs at least that many prompts ({len(prompts)} given).")
     results = run_batch_bench(target, tokenizer, drafter, prompts, tuple(args.batch_size), args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
     print(format_batch_table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench_batch.json", json.dumps(results, indent=2) + "\n")
-    plot_batch_results(results, out / "bench_batch.png")
-    print(f"wrote {out / 'bench_batch.json'} and {out / 'bench_batch.png'}")
+    png_path = out / "bench_batch.png" if can_plot() else None
+    if png_path is not None:
+        plot_batch_results(results, png_path)
+    print(_wrote(out / "bench_batch.json", png_path, "bench_batch.png"))
     return 0 if results["lossless"] else 1
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .data import atomic_write_text, count_records, load_prompts, magpie_prompts, read_jsonl, regenerate
-    from .generation_dflash import validate_pair
+def _wrote(json_path: Path, png_path: Path | None, png_name: str) -> str:
+    from .bench import PLOT_EXTRA
+
+    if png_path is not None:
+        return f"wrote {json_path} and {png_path}"
+    return f"wrote {json_path}; skipped {png_name}: matplotlib is not installed ({PLOT_EXTRA} adds it)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------------
+def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.openai_model and not args.openai_base_url:
+        parser.error("--openai-model names the model of an --openai-base-url server; give --openai-base-url too")
+    if args.gen_drafter and args.openai_base_url:
+        parser.error("--gen-drafter speeds up regeneration by the local target; with --openai-base-url the server "
+                     "writes the responses, so drop one of them")
+    if args.init_from and args.init_from_target:
+        parser.error("--init-from starts from a trained drafter and --init-from-target from the target's layers; "
+                     "choose one")
+
+
+def _new_drafter(args: argparse.Namespace, target: Any) -> Any:
     from .modeling_dflash import DFlashDraftModel
+
+    return DFlashDraftModel.from_target(
+        target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
+        mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
+    )
+
+
+def _early_drafters(args: argparse.Namespace, target: Any) -> tuple[Any | None, Any | None]:
+    """Before stage 1, so that a drafter the target cannot take fails now and not after hours of data generation:
+    the --init-from and --gen-drafter drafters, loaded and checked against the target. A new drafter is built
+    once here as a check and dropped (fork_rng: the one built after stage 1 draws the weights it always drew)."""
+    import torch
+
+    with _reported():
+        gen_drafter = None
+        if args.gen_drafter:
+            gen_drafter = _load_drafter(args.gen_drafter, target, target.dtype, "--gen-drafter")
+        if args.init_from:
+            return _load_drafter(args.init_from, target, torch.float32, "--init-from").float(), gen_drafter
+        with torch.random.fork_rng(devices=[]):
+            _new_drafter(args, target)
+    return None, gen_drafter
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import count_records, load_prompts, magpie_prompts, read_jsonl, regenerate
+    from .fileio import atomic_write_text, make_shareable
     from .training import (
         RECIPE_FILE,
         WARM_START_RECIPE,
@@ -150,17 +392,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.out)
+    with _reported():
+        target, tokenizer = _load_target(args.target)
+    warm_drafter, gen_drafter = _early_drafters(args, target)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "command.json", json.dumps({"command": "dflash-hf " + " ".join(args.argv)}))
-    if args.target is None:
-        from .default_pair import load_default_target
 
-        target, tokenizer = load_default_target()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.target)
-        target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto", device_map="auto").eval()
     # Stage 1: prompts (saved once, so a resumed run regenerates the same ones) and the target's responses.
     @functools.cache
     def writer() -> Any:
@@ -176,7 +413,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # A new run, or a run grown with a larger --num-prompts: existing prompts (and their responses and
         # features) are kept, only the missing ones are made.
         if args.prompts:
-            fresh = load_prompts(args.prompts, limit=args.num_prompts)
+            with _reported():
+                fresh = load_prompts(args.prompts, limit=args.num_prompts)
         else:
             fresh = magpie_prompts(writer(), tokenizer, args.num_prompts - len(prompts), seed=args.seed + len(prompts))
         known = set(prompts)
@@ -185,27 +423,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     timings = {}
     started = time.perf_counter()
     if count_records(out / "data") < len(prompts):
-        gen_drafter = None
-        if args.gen_drafter:  # regenerate with batched DFlash: same responses, fewer target forwards
-            gen_drafter = DFlashDraftModel.from_pretrained(args.gen_drafter, dtype=writer().dtype)
-            gen_drafter = gen_drafter.to(writer().device).eval()
-            validate_pair(writer(), gen_drafter)
+        if gen_drafter is not None:  # regenerate with batched DFlash: same responses, fewer target forwards
+            gen_drafter = gen_drafter.to(writer().dtype)
         regenerate(target if args.openai_base_url else writer(), tokenizer, prompts, out / "data",
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.gen_batch_size,
                    openai_base_url=args.openai_base_url, openai_model=args.openai_model, assistant_model=gen_drafter)
     writer.cache_clear()  # drop a --gen-dtype copy before feature extraction and training
+    del gen_drafter
     # Stage 2: the drafter's shape decides which layers to tap; features are cached for those.
-    if args.init_from:  # warm start: continue from a trained drafter (its shape and taps win)
-        drafter = DFlashDraftModel.from_pretrained(args.init_from, dtype=torch.float32)
-        validate_pair(target, drafter)
+    if warm_drafter is not None:  # warm start: continue from a trained drafter (its shape and taps win)
+        drafter = warm_drafter
         earlier = Path(args.init_from) / RECIPE_FILE
         if earlier.is_file():
             atomic_write_text(out / WARM_START_RECIPE, earlier.read_text(encoding="utf-8"))
     else:
-        drafter = DFlashDraftModel.from_target(
-            target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
-            mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
-        ).float()
+        drafter = _new_drafter(args, target).float()
     timings["data"] = time.perf_counter() - started
     started = time.perf_counter()
     extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
@@ -223,6 +455,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     timings["training"] = time.perf_counter() - started
     drafter.config.name_or_path = f"{Path(args.out).name}"
     drafter.save_pretrained(out / "drafter")
+    make_shareable(out / "drafter")  # safetensors writes model.safetensors 0600
     _add_timings(out, timings)
     atomic_write_text(out / "training.json", json.dumps(summarize_run(out), indent=2, ensure_ascii=False) + "\n")
     print(f"drafter saved to {out / 'drafter'}; recipe in {out / 'training.json'} (dflash-hf export --training-json)")
@@ -231,7 +464,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
     """Wall time per stage, summed over every invocation of a run folder (a resumed run adds what it redid)."""
-    from .data import atomic_write_text
+    from .fileio import atomic_write_text
 
     path = run_dir / "timings.json"
     earlier = json.loads(path.read_text()) if path.exists() else {}
@@ -239,85 +472,158 @@ def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
     atomic_write_text(path, json.dumps(totals))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the uninformative None and False (flags, optional values)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_pair_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", help="transformers model id or folder (default: offline SmolLM2-135M-Instruct)")
-    parser.add_argument("--drafter", help="DFlash drafter id or folder (default: the shipped drafter)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype")
-    parser.add_argument("--drafter-dtype", choices=["float32", "bfloat16", "float16"],
-                        help="drafter dtype (default: the target's); never changes the output, only speed and acceptance")
+    parser.add_argument("--target", metavar="ID_OR_DIR", type=model_source,
+                        help="transformers model id or folder (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--drafter", metavar="ID_OR_DIR", type=model_source,
+                        help="DFlash drafter id or folder (default: the shipped drafter; required with --target)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="target dtype (default: float32 for the default target, the checkpoint's for others)")
+    parser.add_argument("--drafter-dtype", choices=DTYPES,
+                        help="drafter dtype (default: the target's); changes speed and acceptance, never the output")
+
+
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="stream an answer with the offline default pair and report the speedup",
+                          description="Stream one answer with DFlash, then compare it with plain generate.",
+                          formatter_class=HelpFormatter)
+    _add_pair_args(demo)
+    demo.add_argument("--prompt", metavar="TEXT", default=DEFAULT_PROMPT, help="the user message")
+    demo.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=128,
+                      help="tokens to generate at most")
+    demo.set_defaults(func=cmd_demo, check=functools.partial(_check_pair_args, demo))
+
+
+def _add_generate(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="generate with a DFlash drafter, streaming",
+                         description="Stream the answer to one prompt, generated with a DFlash drafter.",
+                         formatter_class=HelpFormatter)
+    _add_pair_args(gen)
+    gen.add_argument("--prompt", metavar="TEXT", required=True, help="the user message")
+    gen.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=256,
+                     help="tokens to generate at most")
+    gen.add_argument("--temperature", metavar="T", type=float_above(0, inclusive=True), default=0.0,
+                     help="sampling temperature; 0 decodes greedily")
+    gen.add_argument("--seed", metavar="N", type=int, help="seed torch's generator first, for a repeatable sample")
+    gen.set_defaults(func=cmd_generate, check=functools.partial(_check_pair_args, gen))
+
+
+def _add_bench(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="plain vs DFlash vs prompt lookup, side by side; JSON + PNG",
+                           description="Time plain generate, DFlash and prompt lookup on the same prompts, check "
+                                       "every output against plain generate, and write bench.json and bench.png "
+                                       "(the PNG needs matplotlib).",
+                           formatter_class=HelpFormatter)
+    _add_pair_args(bench)
+    bench.add_argument("--prompts", metavar="FILE", type=existing_file,
+                       help='JSONL prompt file, one {"prompt": ...} per line (default: the shipped held-out '
+                            'prompts)')
+    bench.add_argument("--num-prompts", metavar="N", type=int_in_range(1),
+                       help="use only the first N prompts (default: all)")
+    bench.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=128,
+                       help="tokens to generate per prompt")
+    bench.add_argument("--out", metavar="DIR", type=output_folder, default="bench-results",
+                       help="folder for the JSON and PNG")
+    bench.add_argument("--num-speculative-tokens", type=int_in_range(1), metavar="K",
+                       help="verify K drafts per step (default: the drafter's num_speculative_tokens, else all "
+                            "block_size - 1)")
+    bench.add_argument("--batch-size", type=int_in_range(1), nargs="+", metavar="N",
+                       help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
+    bench.add_argument("--sampling-temperature", metavar="T", type=float_above(0),
+                       help="also measure the acceptance of strict vs ratio sampling at this temperature")
+    bench.set_defaults(func=cmd_bench, check=functools.partial(_check_pair_args, bench))
+
+
+def _add_train(sub: Any) -> None:
+    train = sub.add_parser("train", help="regenerate data with the target, cache features, train a drafter",
+                           description="Train a DFlash drafter on the target's own answers, in three resumable "
+                                       "stages: prompts and responses, tapped features, training. Every option is "
+                                       "checked before the first stage.",
+                           formatter_class=HelpFormatter)
+    data = train.add_argument_group("data (stage 1)")
+    data.add_argument("--target", metavar="ID_OR_DIR", type=model_source,
+                      help="transformers model id or folder (default: the offline SmolLM2-135M-Instruct)")
+    data.add_argument("--out", metavar="DIR", type=output_folder, required=True,
+                      help="run folder (prompts, data, features, checkpoints, drafter); rerun on it to resume")
+    data.add_argument("--prompts", metavar="FILE_OR_ID", type=prompt_source,
+                      help="JSONL file or datasets id of prompts (default: Magpie prompts written by the target)")
+    data.add_argument("--num-prompts", metavar="N", type=int_in_range(1), default=1000, help="prompts to answer")
+    data.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=192,
+                      help="response tokens per prompt at most")
+    data.add_argument("--temperature", metavar="T", type=float_above(0, inclusive=True), default=0.0,
+                      help="response sampling temperature; 0 answers greedily")
+    data.add_argument("--gen-batch-size", metavar="N", type=int_in_range(1), default=32,
+                      help="prompts answered per generate call")
+    data.add_argument("--gen-dtype", choices=DTYPES,
+                      help="dtype of the target while it writes prompts and responses (default: the target's). "
+                           "bfloat16 is much faster on CPUs with AVX512-BF16; greedy responses may then differ "
+                           "from the float32 target's at near-ties. Features are always taken in the target's dtype.")
+    data.add_argument("--gen-drafter", metavar="ID_OR_DIR", type=model_source,
+                      help="a DFlash drafter of the target: regenerate responses with batched DFlash")
+    data.add_argument("--openai-base-url", metavar="URL",
+                      help="regenerate through an OpenAI-compatible server (vLLM, SGLang) instead")
+    data.add_argument("--openai-model", metavar="NAME",
+                      help="model name to request from --openai-base-url (default: 'default')")
+    shape = train.add_argument_group("drafter (stage 2)")
+    shape.add_argument("--num-layers", metavar="N", type=int_in_range(1), default=2, help="drafter decoder layers")
+    shape.add_argument("--block-size", metavar="B", type=int_in_range(2, MAX_BLOCK_SIZE), default=8,
+                       help="tokens per drafted block, the anchor included (block_size - 1 drafts per step)")
+    shape.add_argument("--num-taps", metavar="N", type=int_in_range(1), default=5,
+                       help="target layers whose hidden states the drafter reads (spread over the target)")
+    shape.add_argument("--mask-token-id", metavar="ID", type=int_in_range(0),
+                       help="embedding row of the mask token (default: the target's pad token, else its last row)")
+    shape.add_argument("--init-from-target", action="store_true",
+                       help="copy evenly spaced target layers into the drafter layers (trains faster)")
+    shape.add_argument("--init-from", metavar="ID_OR_DIR", type=model_source,
+                       help="start from this trained drafter (folder or id) instead of a new one; its shape wins")
+    fit = train.add_argument_group("training (stage 3)")
+    fit.add_argument("--steps", metavar="N", type=int_in_range(0), default=1500,
+                     help="optimizer steps; 0 prepares data and features only")
+    fit.add_argument("--batch-size", metavar="N", type=int_in_range(1), default=4, help="sequences per step")
+    fit.add_argument("--num-anchors", metavar="N", type=int_in_range(1), default=16, help="blocks drawn per sequence")
+    fit.add_argument("--lr", metavar="LR", type=float_above(0), default=6e-4, help="peak learning rate")
+    fit.add_argument("--save-every", metavar="N", type=int_in_range(1), default=200, help="steps between checkpoints")
+    fit.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                     help="autocast the training forward (bf16: much faster on GPUs and CPUs with AVX512-BF16)")
+    fit.add_argument("--seed", metavar="N", type=int, default=0, help="seed of prompts, responses and training")
+    fit.add_argument("--no-resume", action="store_true", help="train from the start, ignoring saved checkpoints")
+    train.set_defaults(func=cmd_train, check=functools.partial(_check_train_args, train))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dflash-hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dflash-hf", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="dflash-hf", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_train(sub)
+    from .hub import add_cli
 
-    demo = sub.add_parser("demo", help="stream an answer with the offline default pair and report the speedup")
-    _add_pair_args(demo)
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
-    demo.add_argument("--max-new-tokens", type=int, default=128)
-    demo.set_defaults(func=cmd_demo)
-
-    gen = sub.add_parser("generate", help="generate with a DFlash drafter, streaming")
-    _add_pair_args(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int)
-    gen.set_defaults(func=cmd_generate)
-
-    bench = sub.add_parser("bench", help="plain vs DFlash vs prompt lookup, side by side; JSON + PNG")
-    _add_pair_args(bench)
-    bench.add_argument("--prompts", help="JSONL prompt file (default: the shipped held-out prompts)")
-    bench.add_argument("--num-prompts", type=int)
-    bench.add_argument("--max-new-tokens", type=int, default=128)
-    bench.add_argument("--out", default="bench-results")
-    bench.add_argument("--num-speculative-tokens", type=int, metavar="K",
-                       help="verify K drafts per step (default: the drafter's num_speculative_tokens, else all "
-                            "block_size - 1)")
-    bench.add_argument("--batch-size", type=int, nargs="+", metavar="N",
-                       help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
-    bench.add_argument("--sampling-temperature", type=float,
-                       help="also measure the acceptance of strict vs ratio sampling at this temperature")
-    bench.set_defaults(func=cmd_bench)
-
-    train = sub.add_parser("train", help="regenerate data with the target, cache features, train a drafter")
-    train.add_argument("--target", help="transformers model id or folder (default: offline SmolLM2-135M-Instruct)")
-    train.add_argument("--out", required=True, help="run folder (data, features, checkpoints, drafter)")
-    train.add_argument("--prompts", help="JSONL file or datasets id of prompts (default: Magpie prompts from the target)")
-    train.add_argument("--num-prompts", type=int, default=1000)
-    train.add_argument("--max-new-tokens", type=int, default=192)
-    train.add_argument("--temperature", type=float, default=0.0, help="response sampling temperature (0 = greedy)")
-    train.add_argument("--gen-batch-size", type=int, default=32)
-    train.add_argument("--gen-dtype", choices=["float32", "bfloat16", "float16"],
-                       help="dtype of the target while it writes prompts and responses (default: the target's). "
-                            "bfloat16 is much faster on CPUs with AVX512-BF16; greedy responses may then differ "
-                            "from the float32 target's at near-ties. Features are always taken in the target's dtype.")
-    train.add_argument("--gen-drafter", help="a DFlash drafter of the target: regenerate responses with batched DFlash")
-    train.add_argument("--openai-base-url", help="regenerate through an OpenAI-compatible server instead")
-    train.add_argument("--openai-model")
-    train.add_argument("--num-layers", type=int, default=2)
-    train.add_argument("--block-size", type=int, default=8)
-    train.add_argument("--num-taps", type=int, default=5)
-    train.add_argument("--mask-token-id", type=int)
-    train.add_argument("--init-from-target", action="store_true")
-    train.add_argument("--init-from", help="start from this trained drafter (folder or id) instead of a new one")
-    train.add_argument("--steps", type=int, default=1500)
-    train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--num-anchors", type=int, default=16)
-    train.add_argument("--lr", type=float, default=6e-4)
-    train.add_argument("--save-every", type=int, default=200)
-    train.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
-                       help="autocast the training forward (bf16: much faster on GPUs and CPUs with AVX512-BF16)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-resume", action="store_true")
-    train.set_defaults(func=cmd_train)
-
-    try:
-        from .hub import add_cli
-    except ImportError:
-        add_cli = None
-    if add_cli is not None:
-        add_cli(sub)
+    add_cli(sub, formatter_class=HelpFormatter)
     return parser
 
 
@@ -325,7 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return int(args.func(args) or 0)
+    if getattr(args, "check", None) is not None:
+        args.check(args)
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as err:
+        print(f"dflash-hf: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

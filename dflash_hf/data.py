@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,23 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .fileio import atomic_write_text
+
 _PLACEHOLDER = "\u2063DFLASH_USER_TURN\u2063"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -55,7 +40,10 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train", limit
         try:
             import datasets
         except ImportError:
-            raise ImportError("Loading prompts from a dataset needs `pip install datasets`.") from None
+            raise ImportError(
+                f"{source!r} is not a file, so it would be loaded as a `datasets` id, which needs `pip install "
+                "datasets` (or `pip install 'dflash-hf[train]'`). For a JSONL file, check the path."
+            ) from None
         records = datasets.load_dataset(source, split=split)
     prompts = []
     for record in records:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .fileio import make_shareable, staging_dir
 
 DEFAULT_TARGET_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_DRAFTER_NAME = "SmolLM2-135M-Instruct-DFlash"
@@ -51,8 +52,7 @@ def converted_target_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _gguf_dir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    tmp = staging_dir(out.parent, prefix=".convert-")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
         gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -66,6 +66,7 @@ def converted_target_dir() -> Path:
         model.generation_config = gguf_model.generation_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_shareable(tmp)  # a cache others may share: not the 0700/0600 of mkdtemp and safetensors
         try:
             os.replace(tmp, out)  # atomic: a reader sees no folder or a complete one
         except OSError:  # another process won the race

@@ -15,10 +15,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from .fileio import make_shareable, staging_dir
 
 CARD_TEMPLATE = "drafter_card.md.jinja"
 CARD_TAGS = ["dflash", "speculative-decoding", "block-diffusion", "draft-model"]
@@ -291,7 +292,7 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
         return [f"{folder} is not a folder."]
     problems = [
         f"{name} is a pickle-format file; publish safetensors only (pickles can run code when loaded)."
-        for name in _publishable_files(folder)
+        for name in _visible_files(folder)
         if name.lower().endswith(PICKLE_SUFFIXES)
     ]
     if not (folder / "README.md").is_file():
@@ -326,12 +327,27 @@ def _remote_code_problems(folder: Path) -> list[str]:
     return problems
 
 
+# What `export_drafter` writes: the weights (one file or shards and their index), configs, the model card, the
+# recipe and the portable core modules, all at the top of the folder. Anything else in the folder (a __pycache__
+# that pip or Python left next to the .py files, a user's notes) is not uploaded.
+_EXPORTED_FILE = re.compile(
+    r"(config|generation_config)\.json|README\.md|training\.json"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|[A-Za-z_]\w*\.py"
+)
+
+
 def _publishable_files(folder: Path) -> list[str]:
-    """Relative paths of the files an upload sends: everything but hidden files and folders."""
+    """Names of the files an upload sends: those of them `export_drafter` writes (see ``_EXPORTED_FILE``)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and _EXPORTED_FILE.fullmatch(p.name))
+
+
+def _visible_files(folder: Path) -> list[str]:
+    """Relative paths of every file in ``folder`` but hidden ones and Python's bytecode caches."""
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+        hidden = any(part.startswith(".") or part == "__pycache__" for part in rel.parts)
+        if path.is_file() and not hidden:
             files.append(rel.as_posix())
     return files
 
@@ -357,7 +373,8 @@ def export_drafter(
     ``out_dir`` is replaced only when it is empty or holds an earlier export. ``model_name`` may be the target Hub
     id ("org/name"), which then appears in the card's usage snippets. ``num_speculative_tokens`` stores a default
     for the drafts verified per step in the config (e.g. when drafts past the K-th are almost never accepted).
-    Returns the resolved ``out_dir``.
+    ``training_summary`` defaults to the ``training.json`` already in ``checkpoint`` (an earlier export), so a
+    re-export keeps the recipe. Returns the resolved ``out_dir``.
     """
     from .generation_dflash import max_drafts_per_step
 
@@ -368,6 +385,8 @@ def export_drafter(
         raise ValueError(f"out_dir {out_dir} would replace the checkpoint {checkpoint}; choose another folder.")
     _check_replaceable(out_dir)
     bench = _load_bench(Path(bench_json)) if bench_json is not None else None
+    if training_summary is None:
+        training_summary = _checkpoint_recipe(checkpoint)
     drafter = _load_checkpoint(checkpoint)
     if num_speculative_tokens is not None:
         _set_drafts_per_step(drafter, num_speculative_tokens)
@@ -382,10 +401,8 @@ def export_drafter(
             f"{bench_json} was measured verifying {bench['drafts_per_step']} drafts per step, the exported drafter "
             f"verifies {drafts}: pass --num-speculative-tokens {bench['drafts_per_step']} or re-run the bench."
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.export-")
     try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the published folder should be readable like any other
         _write_folder(drafter, staging, base_model=base_model, bench=bench, license=license,
                       model_name=model_name or out_dir.name, training_summary=training_summary)
         problems = hub_folder_problems(staging)
@@ -396,6 +413,20 @@ def export_drafter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _checkpoint_recipe(checkpoint: Path) -> dict | None:
+    """The training.json an exported folder carries, or None when ``checkpoint`` has none."""
+    path = checkpoint / "training.json"
+    if not path.is_file():
+        return None
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the recipe {path}: {err}; fix it, or pass --training-json.") from err
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} must hold a JSON object (the training.json of `dflash-hf train`).")
+    return recipe
 
 
 def _set_drafts_per_step(drafter: Any, count: int) -> None:
@@ -458,6 +489,7 @@ def _write_folder(drafter: Any, folder: Path, *, base_model: str, bench: dict | 
     if training_summary:  # the recipe travels with the weights, so a run warm-started from them can cite it
         recipe = json.dumps(training_summary, indent=2, ensure_ascii=False) + "\n"
         (folder / "training.json").write_text(recipe, encoding="utf-8")
+    make_shareable(folder)  # safetensors writes model.safetensors 0600
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
@@ -681,27 +713,32 @@ def _redact(text: str, secrets: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
-def add_cli(subparsers: Any) -> None:
-    """Register ``export`` and ``publish`` on the ``dflash-hf`` command's subparsers."""
-    export = subparsers.add_parser("export", help="turn a trained drafter checkpoint into a Hub-ready folder")
+def add_cli(subparsers: Any, **parser_options: Any) -> None:
+    """Register ``export`` and ``publish`` on the ``dflash-hf`` command's subparsers.
+
+    ``parser_options`` go to each ``add_parser`` call (the ``dflash-hf`` command passes its help formatter)."""
+    export = subparsers.add_parser("export", help="turn a trained drafter checkpoint into a Hub-ready folder",
+                                   **parser_options)
     export.add_argument("checkpoint", help="drafter checkpoint folder (config.json + model.safetensors)")
     export.add_argument("out_dir", help="folder to write (replaced atomically if it holds an earlier export)")
     export.add_argument("--base-model", required=True, help="Hub id of the target model, e.g. Qwen/Qwen3-8B")
-    export.add_argument("--bench-json", help="results JSON of `dflash-hf bench` for the card's results table")
-    export.add_argument("--training-json", help="training.json written by `dflash-hf train`, for the card's recipe")
-    export.add_argument("--license", default="apache-2.0")
+    export.add_argument("--bench-json", help="results JSON of dflash-hf bench, for the card's results table")
+    export.add_argument("--training-json", help="training.json written by dflash-hf train, for the card's recipe "
+                                                "(default: the training.json in CHECKPOINT, if any)")
+    export.add_argument("--license", default="apache-2.0", help="license id for the model card's metadata")
     export.add_argument("--model-name", help="card title; give the Hub id (org/name) for copy-paste snippets")
     export.add_argument("--num-speculative-tokens", type=int, metavar="K",
                         help="store K as the drafter's default drafts verified per step (default: keep the "
                              "checkpoint's, else all block_size - 1)")
     export.set_defaults(func=_cmd_export)
 
-    pub = subparsers.add_parser("publish", help="upload an exported drafter folder to the Hugging Face Hub")
-    pub.add_argument("out_dir", help="folder written by `dflash-hf export`")
+    pub = subparsers.add_parser("publish", help="upload an exported drafter folder to the Hugging Face Hub",
+                                **parser_options)
+    pub.add_argument("out_dir", help="folder written by dflash-hf export")
     pub.add_argument("--repo-id", required=True, help="ORG/NAME of the model repository (created if missing)")
     pub.add_argument("--private", action="store_true", help="create the repository private")
     pub.add_argument("--dry-run", action="store_true", help="check and list the files, upload nothing")
-    pub.add_argument("--commit-message", default="Upload DFlash drafter")
+    pub.add_argument("--commit-message", default="Upload DFlash drafter", help="message of the Hub commit")
     pub.set_defaults(func=_cmd_publish)
 
 
@@ -709,11 +746,11 @@ def _cli_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (ValueError, FileNotFoundError, FileExistsError) as err:
-            print(f"error: {err}", file=sys.stderr)
+        except (ValueError, OSError) as err:
+            print(f"dflash-hf: error: {err}", file=sys.stderr)
             return 2
         except HubPublishError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"dflash-hf: error: {err}", file=sys.stderr)
             return 1
 
     return wrapped

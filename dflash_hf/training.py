@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import atomic_write_text, load_records, read_jsonl
+from .data import load_records, read_jsonl
+from .fileio import atomic_file, atomic_write_text, make_shareable, staging_dir
 from .generation_dflash import TapRecorder
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
@@ -117,14 +117,8 @@ def extract_features(
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -310,10 +304,11 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, config: TrainConfig) -> None:
     """Atomic: written to a temporary folder, renamed when complete; older checkpoints are pruned."""
     final = out_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=out_dir))
+    tmp = staging_dir(out_dir, prefix=f".checkpoint-{step}-")
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         atomic_write_text(tmp / "progress.json", json.dumps({"step": step, "config": asdict(config)}))
+        make_shareable(tmp)  # safetensors writes its files 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
