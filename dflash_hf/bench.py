@@ -248,11 +248,14 @@ def run_bench(
 
 def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int) -> dict:
     """What a benchmark ran on: models, machine, precision, lengths and library versions."""
+    from .machine import cpu_facts
+
     return {
         "target": getattr(target.config, "name_or_path", "") or type(target).__name__,
         "drafter": getattr(drafter.config, "name_or_path", "") or "drafter",
         "device": str(next(target.parameters()).device),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_info": cpu_facts(),  # model name, family, model, avx512_bf16 ...: what bf16 speed depends on
         "threads": torch.get_num_threads(),
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "drafter_dtype": str(drafter.fc.weight.dtype).replace("torch.", ""),

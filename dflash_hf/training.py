@@ -10,6 +10,10 @@ block sees the context strictly before its anchor and its own block, nothing els
 sees at inference, where the anchor is the last committed token. Slot k of a block is trained to predict the
 token at ``a + k`` (k = 1 … B-1) with cross-entropy weighted ``exp(-(k-1)/γ)``: early slots matter most, since a
 draft is only useful when every draft before it is accepted.
+
+A multi-turn record has several response spans (one per assistant turn, ``data.response_spans``): anchors are
+drawn inside them, and a slot is trained only while its label stays in its anchor's span, so the drafter never
+learns to predict a user's next message or the template around it; the context is the whole conversation.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import load_records, read_jsonl
+from .data import load_records, read_jsonl, response_spans
 from .fileio import atomic_file, atomic_write_text, make_shareable, staging_dir
-from .generation_dflash import TapRecorder
+from .generation_dflash import TapRecorder, draft_block
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 RECIPE_FILE = "training.json"  # a run's recipe; exported drafter folders carry it too
@@ -46,18 +50,32 @@ def loss_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
 
 
 def sample_anchors(
-    prompt_len: int, seq_len: int, num_anchors: int, generator: torch.Generator
+    prompt_len: int, seq_len: int, num_anchors: int, generator: torch.Generator,
+    spans: list[list[int]] | None = None,
 ) -> torch.Tensor:
     """Distinct anchor positions among the response, sorted: ``prompt_len ≤ a ≤ seq_len - 2``.
 
     An anchor plays the token committed last at inference: the first one is the target's first response token
-    (position ``prompt_len``); the last possible one still has a next token to predict.
+    (position ``prompt_len``); the last possible one still has a next token to predict. With ``spans`` (the
+    ``[start, end)`` of each response of a multi-turn record) anchors lie in ``start ≤ a ≤ end - 2`` of a span;
+    one span ``[prompt_len, seq_len)`` draws exactly what no spans draws.
     """
-    low, high = prompt_len, seq_len - 2
-    if high < low:
+    spans = spans if spans is not None else [[prompt_len, seq_len]]
+    candidates = torch.cat([torch.arange(start, end - 1) for start, end in spans]) if spans else torch.empty(0)
+    candidates = candidates.long()
+    if candidates.numel() == 0:
         return torch.empty(0, dtype=torch.long)
-    count = min(num_anchors, high - low + 1)
-    return (torch.randperm(high - low + 1, generator=generator)[:count] + low).sort().values
+    count = min(num_anchors, candidates.numel())
+    return candidates[torch.randperm(candidates.numel(), generator=generator)[:count]].sort().values
+
+
+def anchor_label_ends(anchors: torch.Tensor, spans: list[list[int]]) -> torch.Tensor:
+    """For each anchor, the end of the response span it lies in: its block's labels must stay before it."""
+    ends = torch.empty_like(anchors)
+    for start, end in spans:
+        inside = (anchors >= start) & (anchors < end)
+        ends[inside] = end
+    return ends
 
 
 def block_attention_mask(anchors: torch.Tensor, block_size: int, context_len: int) -> torch.Tensor:
@@ -104,14 +122,15 @@ def extract_features(
             path = out_dir / data_shard.name.replace("shard-", "features-").replace(".jsonl", ".safetensors")
             if path.exists():
                 continue
-            tensors, prompt_lens = {}, []
+            tensors, prompt_lens, spans = {}, [], []
             for i, record in enumerate(read_jsonl(data_shard)):
                 ids = torch.tensor(record["input_ids"], dtype=torch.long)
                 target(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
                 tensors[f"ids_{i}"] = ids
                 tensors[f"taps_{i}"] = taps.take()[0].to(dtype).contiguous()
                 prompt_lens.append(int(record["prompt_len"]))
-            _atomic_save(tensors, path, {"prompt_lens": json.dumps(prompt_lens)})
+                spans.append(response_spans(record))
+            _atomic_save(tensors, path, {"prompt_lens": json.dumps(prompt_lens), "response_spans": json.dumps(spans)})
             written += 1
     return written
 
@@ -122,20 +141,27 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """(ids [L], taps [L, K*H], prompt_len) examples from cached feature shards, loaded into memory."""
+    """(ids [L], taps [L, K*H], prompt_len) examples from cached feature shards, loaded into memory;
+    ``spans[i]``: the response spans of example i (one ``[prompt_len, L)`` for single-turn records and for
+    shards written before multi-turn records existed)."""
 
     def __init__(self, feature_dir: str | os.PathLike, min_response: int = 2) -> None:
         self.examples: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self.spans: list[list[list[int]]] = []
         shards = sorted(Path(feature_dir).glob("features-*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"No features-*.safetensors in {feature_dir}; run feature extraction first.")
         for shard in shards:
             with safe_open(str(shard), framework="pt") as handle:
-                prompt_lens = json.loads(handle.metadata()["prompt_lens"])
+                metadata = handle.metadata()
+                prompt_lens = json.loads(metadata["prompt_lens"])
+                all_spans = json.loads(metadata["response_spans"]) if "response_spans" in metadata else None
                 for i, prompt_len in enumerate(prompt_lens):
                     ids = handle.get_tensor(f"ids_{i}")
-                    if ids.shape[0] - prompt_len >= min_response:
+                    spans = all_spans[i] if all_spans is not None else [[prompt_len, ids.shape[0]]]
+                    if sum(end - start for start, end in spans) >= min_response:
                         self.examples.append((ids, handle.get_tensor(f"taps_{i}"), prompt_len))
+                        self.spans.append(spans)
         self.layer_ids = json.loads((Path(feature_dir) / "features.json").read_text())["layer_ids"]
 
     def __len__(self) -> int:
@@ -172,15 +198,16 @@ def block_loss(
     taps: torch.Tensor,
     anchors: torch.Tensor,
     weights: torch.Tensor,
+    label_ends: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Weighted block cross-entropy of one sequence. ids: [L]; taps: [L, K*H]; anchors: [N]."""
+    """Weighted block cross-entropy of one sequence. ids: [L]; taps: [L, K*H]; anchors: [N]; ``label_ends`` [N]:
+    a block's labels count only before this position (the end of its response span; default L)."""
     block = drafter.config.block_size
     device = drafter.fc.weight.device
     seq_len = ids.shape[0]
     offsets = torch.arange(block)
     positions = anchors[:, None] + offsets  # [N, B]
-    block_ids = torch.full_like(positions, drafter.config.mask_token_id)
-    block_ids[:, 0] = ids[anchors]
+    block_ids = draft_block(ids[anchors], block, drafter.config.mask_token_id)  # [N, B], as the decode loop drafts
     visible = block_attention_mask(anchors, block, seq_len).to(device)
     bias = torch.zeros(visible.shape, dtype=drafter.fc.weight.dtype, device=device)
     bias.masked_fill_(~visible, torch.finfo(bias.dtype).min)
@@ -196,7 +223,7 @@ def block_loss(
     )  # [1, N*B, H]
     hidden = hidden.view(anchors.shape[0], block, -1)[:, 1:]  # [N, B-1, H]
     labels_pos = positions[:, 1:]  # [N, B-1]
-    valid = labels_pos < seq_len
+    valid = labels_pos < (seq_len if label_ends is None else label_ends[:, None])
     labels = ids[labels_pos.clamp(max=seq_len - 1)].to(device)
     logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # [N, B-1, V]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
@@ -275,9 +302,11 @@ def train_drafter(
         metrics = {"loss": 0.0, "acc_slot1": 0.0, "accept_len": 0.0}
         for index in picks.tolist():
             ids, taps, prompt_len = dataset[index]
-            anchors = sample_anchors(prompt_len, ids.shape[0], config.num_anchors, generator)
+            spans = dataset.spans[index]
+            anchors = sample_anchors(prompt_len, ids.shape[0], config.num_anchors, generator, spans)
             with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
-                loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors, weights)
+                loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors, weights,
+                                     anchor_label_ends(anchors, spans))
             accelerator.backward(loss / config.batch_size)
             for key in metrics:
                 metrics[key] += m[key] / config.batch_size
@@ -326,7 +355,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
 
     run_dir = Path(run_dir)
     records = load_records(run_dir / "data")
-    response_tokens = sum(len(r["input_ids"]) - r["prompt_len"] for r in records)
+    response_tokens = sum(end - start for r in records for start, end in response_spans(r))
     progress = json.loads((_latest_checkpoint(run_dir / "checkpoints") / "progress.json").read_text())
     config = progress["config"]
     drafter_config = json.loads((run_dir / "drafter" / "config.json").read_text())
@@ -344,6 +373,8 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
         ),
         "learning rate (AdamW, warmup + cosine)": config["lr"],
     }
+    if any("turns" in r for r in records):
+        summary["assistant turns written by the target"] = sum(len(r.get("turns") or [None]) for r in records)
     if config.get("mixed_precision", "no") != "no":
         summary["mixed precision"] = config["mixed_precision"]
     timings = run_dir / "timings.json"
@@ -366,6 +397,7 @@ __all__ = [
     "FeatureDataset",
     "TrainConfig",
     "block_attention_mask",
+    "anchor_label_ends",
     "block_loss",
     "extract_features",
     "loss_weights",
