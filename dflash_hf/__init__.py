@@ -21,16 +21,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DFlashCandidateGenerator": "generation_dflash",
+    "DFlashCandidateGenerator": "patch_dflash",
     "DFlashConfig": "configuration_dflash",
     "DFlashDraftModel": "modeling_dflash",
     "DFlashStats": "generation_dflash",
     "default_target_layer_ids": "configuration_dflash",
-    "install_generate_patch": "generation_dflash",
+    "install_generate_patch": "patch_dflash",
     "load_default_pair": "default_pair",
 }
 _TRANSFORMERS_GENERATION = "transformers.generation.utils"
-_OUR_GENERATION = f"{__name__}.generation_dflash"  # the module that holds install_generate_patch
+_OUR_GENERATION = f"{__name__}.patch_dflash"  # the module that holds install_generate_patch
 
 
 def __getattr__(name: str) -> Any:

@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from .data import chat_prompt_ids, load_prompts
 from .fileio import atomic_file, atomic_write_text
-from .generation_dflash import few_row_linear, max_drafts_per_step
+from .generation_dflash import max_drafts_per_step
+from .matmul_dflash import few_row_linear
 from .modeling_dflash import DraftCache
-from .transformers_compat import crop_cache, forward_cache_kwarg
+from .cache_dflash import crop_cache
+from .transformers_compat import forward_cache_kwarg
 
 METHOD_LABELS = {
     "plain": "plain generate",

@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .transformers_compat import config_errors_as_value_errors
+
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -187,14 +189,8 @@ class DFlashConfig(PretrainedConfig):
             maximum=_MAX_WIDTH,
         )
         kwargs.setdefault("architectures", ["DFlashDraftModel"])
-        try:
+        with config_errors_as_value_errors("The drafter config is invalid"):
             super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        except Exception as error:
-            # transformers >= 5.2x validates configs with huggingface_hub strict dataclasses, whose errors are not
-            # ValueErrors; report every invalid config.json the same way.
-            if type(error).__module__.startswith("huggingface_hub"):
-                raise ValueError(f"The drafter config is invalid: {error}") from error
-            raise
 
     @property
     def num_taps(self) -> int:

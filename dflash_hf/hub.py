@@ -464,16 +464,10 @@ def _load_checkpoint(checkpoint: Path) -> Any:
         pickles = sorted(p.name for p in checkpoint.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
         hint = f" It holds pickle-format weights {pickles}, which dflash-hf never loads." if pickles else ""
         raise ValueError(f"{checkpoint} has no safetensors weights (model.safetensors).{hint}")
-    try:
-        drafter, info = DFlashDraftModel.from_pretrained(
-            checkpoint, dtype="auto", use_safetensors=True, output_loading_info=True
-        )
+    try:  # strict: missing, unexpected or mismatched tensors raise (DFlashDraftModel.from_pretrained)
+        drafter = DFlashDraftModel.from_pretrained(checkpoint, dtype="auto", use_safetensors=True)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
         raise ValueError(f"{checkpoint} is not a loadable DFlash drafter checkpoint: {err}") from err
-    wrong = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    wrong = {k: v for k, v in wrong.items() if v}
-    if wrong:
-        raise ValueError(f"{checkpoint}'s weights do not match a DFlash drafter of its config: {wrong}")
     return drafter.eval()
 
 

@@ -12,7 +12,6 @@ target's, bound at generate time and never saved.
 from __future__ import annotations
 
 from pathlib import Path
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,17 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
+from .cache_dflash import DraftCache
 from .configuration_dflash import DFlashConfig, default_target_layer_ids
-from .generation_dflash import DFlashOptions, DFlashStats, install_generate_patch, run_dflash_decoding, validate_pair
+from .generation_dflash import (
+    DFlashOptions,
+    DFlashStats,
+    check_target_family,
+    run_dflash_decoding,
+    target_decoder_layers,
+    validate_pair,
+)
+from .patch_dflash import install_generate_patch
 
 
 class DFlashRMSNorm(nn.Module):
@@ -75,67 +83,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, heads, S, D]; cos/sin: [B, S, D]
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
-@dataclass
-class DraftCache:
-    """Context keys/values of every drafter layer: committed positions only, never the block.
-
-    ``keys[i]`` / ``values[i]``: [B, kv_heads, C_i, head_dim]; ``positions[i]``: [B, C_i] absolute positions of
-    those entries (``-1`` marks padding, which no query attends to). Sliding-window layers keep only what a
-    future query can still see, so the cache is bounded by the window there.
-    """
-
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    positions: list = field(default_factory=list)
-
-    def length(self, layer: int = 0) -> int:
-        return 0 if layer >= len(self.keys) else self.keys[layer].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.positions))
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (finished rows of a batch leave the cache)."""
-        for i in range(len(self.keys)):
-            self.keys[i] = self.keys[i][rows]
-            self.values[i] = self.values[i][rows]
-            self.positions[i] = self.positions[i][rows]
-
-    def drop_from(self, position: int) -> None:
-        """Forget every entry at ``position`` or later (a rewound or shorter target cache). One row only."""
-        for i in range(len(self.keys)):
-            keep = int((self.positions[i][0] < position).sum())  # one row's positions only increase
-            self.keys[i] = self.keys[i][:, :, :keep]
-            self.values[i] = self.values[i][:, :, :keep]
-            self.positions[i] = self.positions[i][:, :keep]
-
-    def padding_slots(self, layer: int = 0) -> int:
-        """Entries a compaction would free: cache length minus the most real entries any row holds."""
-        if layer >= len(self.positions) or self.positions[layer].numel() == 0:
-            return 0
-        real = (self.positions[layer] >= 0).sum(dim=1)
-        return self.positions[layer].shape[1] - int(real.max())
-
-    def compact(self) -> None:
-        """Squeeze out padding: each row's real entries move right, in order, behind left padding."""
-        for i in range(len(self.keys)):
-            order, keep = compaction_order(self.positions[i] >= 0)
-            self.positions[i] = self.positions[i].gather(1, order).masked_fill(~keep, -1)
-            index = order[:, None, :, None].expand(-1, self.keys[i].shape[1], -1, self.keys[i].shape[3])
-            self.keys[i] = self.keys[i].gather(2, index)
-            self.values[i] = self.values[i].gather(2, index)
-
-
-def compaction_order(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a [R, S] mask of real slots: gather indices [R, S'] that put each row's real slots last, in order,
-    behind padding, with S' the largest real count of any row; and the [R, S'] mask of real slots after it."""
-    count = real.sum(dim=1)
-    width = int(count.max()) if real.numel() else 0
-    order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices[:, real.shape[1] - width :]
-    keep = torch.arange(width, device=real.device)[None, :] >= (width - count)[:, None]
-    return order, keep
 
 
 class DFlashAttention(nn.Module):
@@ -450,15 +397,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         last vocabulary row. ``init_from_target=True`` copies the matching weights of evenly spaced target
         decoder layers into the drafter layers (attention, MLP and norms), which speeds up training.
         """
-        from .generation_dflash import SUPPORTED_TARGET_TYPES, target_decoder_layers, target_text_config
-
-        tcfg = target_text_config(target)
-        if getattr(tcfg, "model_type", None) not in SUPPORTED_TARGET_TYPES:
-            raise ValueError(
-                f"DFlash cannot build a drafter for a {type(target).__name__} (model_type "
-                f"{getattr(tcfg, 'model_type', None)!r}); supported target families: "
-                f"{', '.join(SUPPORTED_TARGET_TYPES)}."
-            )
+        tcfg = check_target_family(target)
         num_layers = tcfg.num_hidden_layers
         if target_layer_ids is None:
             taps = num_taps if num_taps is not None else max(1, min(5, num_layers // 4))

@@ -7,7 +7,8 @@ import torch
 from conftest import VOCAB, make_drafter, make_target
 from transformers.generation.streamers import BaseStreamer
 
-from dflash_hf.generation_dflash import COMPACT_MIN_HOLES, DraftSession
+from dflash_hf.cache_dflash import COMPACT_MIN_HOLES
+from dflash_hf.generation_dflash import DraftSession
 from dflash_hf.modeling_dflash import DraftCache
 
 PROMPT_LENGTHS = (3, 11, 6, 1)

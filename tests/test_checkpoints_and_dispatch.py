@@ -243,7 +243,8 @@ def test_checkpoint_loaded_without_remote_code_is_refused(tmp_path):
         target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=plain_qwen3)
 
 
-PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_dflash.py", "transformers_compat.py")
+PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_dflash.py", "transformers_compat.py",
+                  "cache_dflash.py", "verify_dflash.py", "matmul_dflash.py", "patch_dflash.py")
 # What remote code may import: the libraries it runs on, and standard modules that neither reach the network nor
 # start processes. Relative imports (its own files) are always fine.
 ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "contextlib", "dataclasses", "functools", "importlib",

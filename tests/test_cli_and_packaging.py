@@ -412,7 +412,7 @@ def test_importing_dflash_hf_installs_the_patch_when_transformers_loads():
 @pytest.mark.parametrize("statement", [
     "from dflash_hf import DFlashDraftModel",
     "from dflash_hf import DFlashCandidateGenerator",
-    "import dflash_hf.generation_dflash",
+    "import dflash_hf.patch_dflash",
     "from transformers.generation.utils import GenerationMixin; import dflash_hf",
     "import dflash_hf; from transformers import LlamaForCausalLM",
     "import dflash_hf; from transformers import AutoModelForCausalLM as M, LlamaConfig as C; "

@@ -14,7 +14,10 @@ from test_batched import left_pad, prompts
 import dflash_hf
 from dflash_hf.configuration_dflash import DFlashConfig, default_target_layer_ids
 from dflash_hf.generation_dflash import DraftSession
-from dflash_hf.transformers_compat import _OUTPUT_CACHE_FIELD as CACHE_FIELD
+from dflash_hf.transformers_compat import generate_output_cache_field
+
+
+CACHE_FIELD = generate_output_cache_field()
 
 
 def returned_cache(out):
@@ -256,7 +259,7 @@ def test_from_target_names_an_unsupported_family():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="cannot build a drafter for a GPT2LMHeadModel \\(model_type 'gpt2'\\)"):
+    with pytest.raises(ValueError, match="does not support target model_type 'gpt2' \\(GPT2LMHeadModel\\)"):
         dflash_hf.DFlashDraftModel.from_target(gpt2)
 
 

@@ -247,7 +247,7 @@ def test_impossible_num_speculative_tokens_is_refused(bad):
 @pytest.mark.parametrize("rows", [2, 3, 7, 16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_row_linear_equals_the_linear_layer(rows, bias):
-    from dflash_hf.generation_dflash import linear_for_few_rows
+    from dflash_hf.matmul_dflash import linear_for_few_rows
 
     torch.manual_seed(rows)
     layer = torch.nn.Linear(48, 500, bias=bias)
@@ -258,7 +258,7 @@ def test_few_row_linear_equals_the_linear_layer(rows, bias):
 
 
 def test_few_row_mode_routes_only_small_float32_cpu_products(monkeypatch):
-    import dflash_hf.generation_dflash as core
+    import dflash_hf.matmul_dflash as core
 
     routed = []
     original = core.linear_for_few_rows
@@ -280,7 +280,7 @@ def test_few_row_mode_routes_only_small_float32_cpu_products(monkeypatch):
 def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypatch, rows, enabled):
     """The verify forwards and drafts of a float32 CPU target run through the routine (unless the drafter turns it
     off) and still equal plain."""
-    import dflash_hf.generation_dflash as core
+    import dflash_hf.matmul_dflash as core
 
     routed = []
     original = core.linear_for_few_rows
