@@ -18,21 +18,26 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .transformers_compat import config_errors_as_value_errors
+
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def default_target_layer_ids(num_target_layers: int, num_taps: int) -> list[int]:
-    """DESIGN §4: one tap in the middle, else ``num_taps`` ids spread evenly over ``1 … L-3``."""
+    """Distinct taps: one in the middle, else ``num_taps`` ids spread evenly over ``1 … L-3``.
+
+    ``1 … L-3`` holds only ``L - 3`` layers, so a shallow target gets fewer taps than asked for (as many as it
+    has distinct layers there; one in the middle below 5 layers) rather than the same layer twice.
+    """
     if num_taps < 1:
         raise ValueError(f"num_taps must be >= 1, got {num_taps}.")
+    if num_target_layers < 1:
+        raise ValueError(f"num_target_layers must be >= 1, got {num_target_layers}.")
+    num_taps = min(num_taps, max(1, num_target_layers - 3))
     if num_taps == 1:
         return [num_target_layers // 2]
-    if num_target_layers < 4:
-        raise ValueError(
-            f"A target with {num_target_layers} layers is too shallow for {num_taps} spread taps; pass "
-            "target_layer_ids explicitly."
-        )
     first, last = 1, num_target_layers - 3
+    # Spacing (last - first) / (num_taps - 1) >= 1 here, so rounding never repeats a layer.
     return [round(first + k * (last - first) / (num_taps - 1)) for k in range(num_taps)]
 
 
@@ -162,6 +167,13 @@ class DFlashConfig(PretrainedConfig):
             if not isinstance(taps, (list, tuple)) or not taps:
                 raise ValueError(f"target_layer_ids must be a non-empty list of layer indices, got {taps!r}.")
             self.target_layer_ids = [_as_int("target_layer_ids[]", t, minimum=0) for t in taps]
+            repeated = sorted({t for t in self.target_layer_ids if self.target_layer_ids.count(t) > 1})
+            if repeated:
+                raise ValueError(
+                    f"target_layer_ids {self.target_layer_ids} taps layer(s) {repeated} more than once; each tap "
+                    "must be a different target layer. Remove the repeats (the drafter's fc width is "
+                    "len(target_layer_ids) x target hidden size)."
+                )
             if self.num_target_layers is not None and max(self.target_layer_ids) >= self.num_target_layers:
                 raise ValueError(
                     f"target_layer_ids {self.target_layer_ids} reach beyond num_target_layers={self.num_target_layers}."
@@ -177,14 +189,8 @@ class DFlashConfig(PretrainedConfig):
             maximum=_MAX_WIDTH,
         )
         kwargs.setdefault("architectures", ["DFlashDraftModel"])
-        try:
+        with config_errors_as_value_errors("The drafter config is invalid"):
             super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        except Exception as error:
-            # transformers >= 5.2x validates configs with huggingface_hub strict dataclasses, whose errors are not
-            # ValueErrors; report every invalid config.json the same way.
-            if type(error).__module__.startswith("huggingface_hub"):
-                raise ValueError(f"The drafter config is invalid: {error}") from error
-            raise
 
     @property
     def num_taps(self) -> int:

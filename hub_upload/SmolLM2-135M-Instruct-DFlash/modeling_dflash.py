@@ -12,7 +12,6 @@ target's, bound at generate time and never saved.
 from __future__ import annotations
 
 from pathlib import Path
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,17 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
+from .cache_dflash import DraftCache
 from .configuration_dflash import DFlashConfig, default_target_layer_ids
-from .generation_dflash import DFlashStats, install_generate_patch, run_dflash_decoding, validate_pair
+from .generation_dflash import (
+    DFlashOptions,
+    DFlashStats,
+    check_target_family,
+    run_dflash_decoding,
+    target_decoder_layers,
+    validate_pair,
+)
+from .patch_dflash import install_generate_patch
 
 
 class DFlashRMSNorm(nn.Module):
@@ -75,59 +83,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, heads, S, D]; cos/sin: [B, S, D]
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
-@dataclass
-class DraftCache:
-    """Context keys/values of every drafter layer: committed positions only, never the block.
-
-    ``keys[i]`` / ``values[i]``: [B, kv_heads, C_i, head_dim]; ``positions[i]``: [B, C_i] absolute positions of
-    those entries (``-1`` marks padding, which no query attends to). Sliding-window layers keep only what a
-    future query can still see, so the cache is bounded by the window there.
-    """
-
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    positions: list = field(default_factory=list)
-
-    def length(self, layer: int = 0) -> int:
-        return 0 if layer >= len(self.keys) else self.keys[layer].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.positions))
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (finished rows of a batch leave the cache)."""
-        for i in range(len(self.keys)):
-            self.keys[i] = self.keys[i][rows]
-            self.values[i] = self.values[i][rows]
-            self.positions[i] = self.positions[i][rows]
-
-    def padding_slots(self, layer: int = 0) -> int:
-        """Entries a compaction would free: cache length minus the most real entries any row holds."""
-        if layer >= len(self.positions) or self.positions[layer].numel() == 0:
-            return 0
-        real = (self.positions[layer] >= 0).sum(dim=1)
-        return self.positions[layer].shape[1] - int(real.max())
-
-    def compact(self) -> None:
-        """Squeeze out padding: each row's real entries move right, in order, behind left padding."""
-        for i in range(len(self.keys)):
-            order, keep = compaction_order(self.positions[i] >= 0)
-            self.positions[i] = self.positions[i].gather(1, order).masked_fill(~keep, -1)
-            index = order[:, None, :, None].expand(-1, self.keys[i].shape[1], -1, self.keys[i].shape[3])
-            self.keys[i] = self.keys[i].gather(2, index)
-            self.values[i] = self.values[i].gather(2, index)
-
-
-def compaction_order(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a [R, S] mask of real slots: gather indices [R, S'] that put each row's real slots last, in order,
-    behind padding, with S' the largest real count of any row; and the [R, S'] mask of real slots after it."""
-    count = real.sum(dim=1)
-    width = int(count.max()) if real.numel() else 0
-    order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices[:, real.shape[1] - width :]
-    keep = torch.arange(width, device=real.device)[None, :] >= (width - count)[:, None]
-    return order, keep
 
 
 class DFlashAttention(nn.Module):
@@ -437,14 +392,12 @@ class DFlashDraftModel(DFlashPreTrainedModel):
     ) -> "DFlashDraftModel":
         """An untrained drafter sized from ``target``'s config, on the target's device and dtype.
 
-        ``target_layer_ids`` default to DESIGN §4's spread (``num_taps`` of them, default ``min(5, L // 2)`` …
-        at least one). ``mask_token_id`` defaults to the tokenizer-independent choice of the target's pad or
+        ``target_layer_ids`` default to ``num_taps`` distinct layers spread evenly over ``1 … L-3`` (default
+        ``max(1, min(5, L // 4))`` taps; one in the middle for a single tap or a target under 5 layers). ``mask_token_id`` defaults to the tokenizer-independent choice of the target's pad or
         last vocabulary row. ``init_from_target=True`` copies the matching weights of evenly spaced target
         decoder layers into the drafter layers (attention, MLP and norms), which speeds up training.
         """
-        from .generation_dflash import target_text_config, target_decoder_layers
-
-        tcfg = target_text_config(target)
+        tcfg = check_target_family(target)
         num_layers = tcfg.num_hidden_layers
         if target_layer_ids is None:
             taps = num_taps if num_taps is not None else max(1, min(5, num_layers // 4))
@@ -501,6 +454,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
 
     def _dflash_validate(self, target: PreTrainedModel) -> None:
         validate_pair(target, self)
+        DFlashOptions.from_drafter(self)
 
 
 def _home_device(target: PreTrainedModel) -> torch.device:
@@ -509,7 +463,13 @@ def _home_device(target: PreTrainedModel) -> torch.device:
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
-    return next(p.device for p in target.parameters() if p.device.type != "meta")
+    for param in target.parameters():
+        if param.device.type != "meta":
+            return param.device
+    raise ValueError(
+        f"Every weight of this {type(target).__name__} is on the meta device (built without weights, e.g. under "
+        "init_empty_weights). Load the target with its weights (from_pretrained) before building a drafter for it."
+    )
 
 
 DFlashConfig.register_for_auto_class()
