@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import time
 
 import torch
@@ -19,6 +18,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import dflash_hf
 from dflash_hf.generation_dflash import DraftSession
+from dflash_hf.machine import cpu_facts
 
 VOCAB = 256
 BLOCK = 8
@@ -98,18 +98,6 @@ def measure(target, drafter, rows: int, new_tokens: int, repeats: int) -> dict:
     return best
 
 
-def cpu_model() -> str:
-    """lscpu's model line with family/model, which tells CPU generations apart (Zen 3 vs Zen 4)."""
-    fields = {}
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -118,7 +106,9 @@ def main() -> None:
     target = tiny_target()
     torch.manual_seed(1)
     drafter = dflash_hf.DFlashDraftModel.from_target(target, num_hidden_layers=1, block_size=BLOCK).eval()
-    print(f"cpu: {cpu_model()}; torch {torch.__version__}; threads "
+    cpu = cpu_facts()
+    print(f"cpu: {cpu['cpu_model']} (family {cpu['cpu_family']} model {cpu['cpu_model_number']}); torch "
+          f"{torch.__version__}; threads "
           f"{torch.get_num_threads()}")
     print(f"{'rows':>4} {'steps':>6} {'acceptance':>10} {'host ms/step':>13} {'forward ms/step':>16}")
     for rows in (1, 4):

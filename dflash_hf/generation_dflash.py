@@ -294,7 +294,7 @@ def draft_block(anchor: torch.Tensor, block_size: int, mask_token_id: int) -> to
 class DraftSession:
     """The drafter's side of one generation: the draft cache and the target's shared embedding and LM head."""
 
-    def __init__(self, target: nn.Module, drafter: nn.Module) -> None:
+    def __init__(self, target: nn.Module, drafter: nn.Module, options: DFlashOptions | None = None) -> None:
         self.drafter = drafter
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
@@ -302,7 +302,7 @@ class DraftSession:
         self.mask_token_id = drafter.config.mask_token_id
         self.device = drafter.fc.weight.device
         self.cache = DraftCache()
-        self.options = DFlashOptions.from_drafter(drafter)
+        self.options = options or DFlashOptions.from_drafter(drafter)
         self.max_drafts = self.options.max_drafts
 
     @torch.no_grad()
@@ -424,7 +424,8 @@ def _batch_problem(num_rows: int, streamer: Any, want_outputs: bool, cache: Any)
 # Finished rows leave the batch.
 @dataclass
 class DecodeState:
-    """Where decoding stands. Batch tensors are indexed by live row i; ``live[i]`` is its row in the batch.
+    """Where decoding stands. Batch tensors are indexed by live row i; ``live[i]`` is its row in the batch (a
+    Python list: the loop reads it per row and per token, and a device tensor would sync on every read).
 
     sequences: [N, max_length] token buffer, allocated once; ``lengths[b]`` of row b are real (left padding
         included), the rest is filled with the pad token when the output is assembled.
@@ -437,7 +438,7 @@ class DecodeState:
 
     sequences: torch.Tensor
     lengths: list[int]
-    live: torch.Tensor
+    live: list[int]
     real_len: torch.Tensor
     padding: torch.Tensor
     mask: torch.Tensor | None
@@ -455,7 +456,8 @@ class DecodeState:
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Keep live rows ``keep`` (indices into the live rows) of every per-row tensor."""
-        self.live, self.real_len, self.padding = self.live[keep], self.real_len[keep], self.padding[keep]
+        self.live = [self.live[i] for i in keep.tolist()]
+        self.real_len, self.padding = self.real_len[keep], self.padding[keep]
         self.next_token, self.context = self.next_token[keep], self.context[keep]
         self.context_positions = self.context_positions[keep]
         if self.mask is not None:
@@ -509,7 +511,7 @@ def run_dflash_decoding(
     cache_kwarg = forward_cache_kwarg(target)
     verifier = BlockVerifier(bool(generation_config.do_sample), options.sampling_mode, device)
     processors = BatchProcessorView(logits_processor, num_rows, pad_token)
-    session = DraftSession(target, drafter)
+    session = DraftSession(target, drafter, options)
     stats = DFlashStats(sampling=verifier.mode, block_size=session.block_size, verify_backend=verifier.backend)
     if num_rows > 1:
         stats.rows = [DFlashStats(sampling=verifier.mode, block_size=session.block_size,
@@ -523,7 +525,7 @@ def run_dflash_decoding(
     real_len = mask.sum(dim=1)
     prompt_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)[:, cached:]  # [R, P]: -1 on padding
     state = DecodeState(
-        sequences=sequences, lengths=[input_ids.shape[1]] * num_rows, live=torch.arange(num_rows, device=device),
+        sequences=sequences, lengths=[input_ids.shape[1]] * num_rows, live=list(range(num_rows)),
         real_len=real_len, padding=input_ids.shape[1] - real_len,
         mask=None if num_rows == 1 and bool(mask.all()) else mask,
         context=input_ids.new_empty(0), context_positions=prompt_positions, next_token=input_ids[:, -1],
@@ -537,7 +539,7 @@ def run_dflash_decoding(
         if prefill and target._supports_logits_to_keep():
             kwargs["logits_to_keep"] = 1
         stats.num_target_forwards += 1
-        for r in state.live.tolist() if stats.rows else ():
+        for r in state.live if stats.rows else ():
             stats.rows[r].num_target_forwards += 1
         with few_row_linear(device, not prefill and options.few_row_matmul_on_cpu):
             return target(input_ids=tokens, **kwargs).logits
@@ -545,7 +547,7 @@ def run_dflash_decoding(
     def commit(i: int, tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
         """Append live row i's tokens [k] one at a time, exactly as plain generate would, checking its stopping
         criteria after each; True once one fires (the rest of ``tokens`` is dropped)."""
-        row = int(state.live[i])
+        row = state.live[i]
         start = state.lengths[row]
         state.sequences[row, start : start + tokens.shape[0]] = tokens  # past ``lengths`` nothing is visible
         for t in range(tokens.shape[0]):
@@ -576,7 +578,7 @@ def run_dflash_decoding(
             )
             session.cache = resumed if resumed is not None else session.cache
         no_drafts = input_ids[:, :0]
-        scores = processors.block_scores(logits, state.live.tolist(), state.all_rows() if processors else [], no_drafts)
+        scores = processors.block_scores(logits, state.live, state.all_rows() if processors else [], no_drafts)
         _, state.next_token = verifier.verify(scores, no_drafts, torch.zeros_like(real_len), real_len)
         stats.prefill_time_s = time.perf_counter() - t0
         state.finished = [commit(i, state.next_token[i : i + 1], scores[i], logits[i]) for i in range(num_rows)]
@@ -584,15 +586,15 @@ def run_dflash_decoding(
 
         while True:
             # 1. Finished rows leave the batch and stop costing work.
-            keep = [i for i, row in enumerate(state.live.tolist()) if not state.finished[row]]
+            keep = [i for i, row in enumerate(state.live) if not state.finished[row]]
             if not keep:
                 break
-            if len(keep) < state.live.numel():
+            if len(keep) < len(state.live):
                 keep = torch.tensor(keep, device=device)
                 state.keep_rows(keep)
                 select_cache_rows(cache, keep)
                 session.cache.select_rows(keep.to(session.device))
-            rows = state.live.tolist()
+            rows = state.live
 
             # 2. Draft: never past max_length, so a row near its end verifies fewer drafts (its extra slots are holes).
             t0 = time.perf_counter()
@@ -625,7 +627,8 @@ def run_dflash_decoding(
             accepted, next_token = verifier.verify(scores, drafts, num_drafts, state.real_len + 1, draft_scores)
 
             # 4. Accept: row i keeps slots 0…accepted[i]; slots no row kept are cropped, the rest become holes.
-            most = int(accepted.max())
+            counts = accepted.tolist()  # the step's one host sync: how far each row got
+            most = max(counts)
             kept = None  # one row: everything it rejected is cropped, so what is left is all kept
             if num_rows > 1:
                 kept = torch.arange(width + 1, device=device)[None, :] <= accepted[:, None]  # [R, n+1]
@@ -652,7 +655,7 @@ def run_dflash_decoding(
 
             # 5. Commit each row's accepted drafts and the target's next token, token by token.
             for i, row in enumerate(rows):
-                a = int(accepted[i])
+                a = counts[i]
                 stats.acceptance_lengths.append(a + 1)
                 if stats.rows:
                     stats.rows[row].acceptance_lengths.append(a + 1)

@@ -247,8 +247,6 @@ def test_inputs_embeds_is_refused_by_name():
 
 def test_drafter_for_another_vocabulary_is_named_as_such():
     target = make_target("qwen3")
-    other = make_target("qwen3")
-    other.config.vocab_size = VOCAB // 2
     drafter = dflash_hf.DFlashDraftModel.from_target(target, num_hidden_layers=1, block_size=8)
     drafter.config.vocab_size = VOCAB // 2
     with pytest.raises(ValueError, match=f"vocabulary of {VOCAB // 2} tokens but the target has {VOCAB}"):
@@ -284,7 +282,7 @@ def test_unknown_drafter_option_is_refused(name, value):
 
 
 @pytest.mark.parametrize("loop", ["dflash", "transformers"])
-def test_use_cache_false_is_turned_on_with_the_same_output(loop, caplog):
+def test_use_cache_false_is_turned_on_with_the_same_output(loop):
     target = make_target("qwen3")
     drafter = make_drafter(target)
     drafter.generation_loop = loop

@@ -64,7 +64,6 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.max_length = getattr(generation_config, "max_length", None)
         self.context_len = 0  # positions already in the draft cache
         self.last_forward_start: int | None = None  # position of the first token of the last target forward
-        self.prompt_len: int | None = None  # set until the prefill's taps are read
         self.stats = DFlashStats(sampling="strict" if getattr(generation_config, "do_sample", False) else "greedy")
         self.stats.block_size = drafter.config.block_size
         drafter.last_stats = self.stats
@@ -74,16 +73,10 @@ class DFlashCandidateGenerator(CandidateGenerator):
         cur_len = input_ids.shape[1]
         if self.last_forward_start is None:  # the target has not run yet: let its prefill produce the context
             self.last_forward_start = 0
-            self.prompt_len = cur_len
             return input_ids, None
         t0 = time.perf_counter()
         captured = self.taps.take()  # [1, T, K*H] for positions last_forward_start …
-        if self.prompt_len is not None:
-            # The prefill ran over the prompt tokens its cache lacked: a filled cache (multi-turn) held the rest,
-            # whose context the drafter never gets in this loop.
-            self.last_forward_start = self.context_len = self.prompt_len - captured.shape[1]
-            self.prompt_len = None
-        else:
+        if self.last_forward_start > 0:
             self.stats.acceptance_lengths.append(cur_len - 1 - self.last_forward_start)
         self.stats.num_target_forwards += 1
         context = captured[:, self.context_len - self.last_forward_start : cur_len - 1 - self.last_forward_start]
@@ -111,7 +104,7 @@ class DFlashCandidateGenerator(CandidateGenerator):
         if self.last_forward_start is None:
             return
         self.stats.num_target_forwards += 1
-        if self.prompt_len is None:  # a verify step ran after the prefill
+        if self.last_forward_start > 0:
             self.stats.acceptance_lengths.append(final_len - 1 - self.last_forward_start)
 
     def close(self) -> None:
