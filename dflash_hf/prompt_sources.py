@@ -390,14 +390,17 @@ BENCH_SAMPLE_SEED = 0
 
 
 def bench_sample(name: str, size: int | None = BENCH_SAMPLE_SIZE, seed: int = BENCH_SAMPLE_SEED,
-                log: Any = sys.stderr) -> list[str]:
+                log: Any = sys.stderr, split: str = "test") -> list[str]:
     """First human turns of a fixed, seeded sample of a source's TEST split (all of HumanEval), in a stable
-    order: the same prompts on every machine, none of them ever trained on."""
+    order: the same prompts on every machine, none of them ever trained on. ``split="validation"`` samples the
+    split for choosing recipes and checkpoints instead (never the test split: it reports the final numbers)."""
+    if split not in ("test", "validation"):
+        raise ValueError(f"bench_sample draws from the test or validation split, not {split!r} (train is trained on)")
     source = load_named(name)
     print(source.describe(), file=log)
     if name == "humaneval":
         return [c["turns"][0] for c in source.conversations]
-    test = sorted(source.select("test"), key=lambda c: c["id"])
+    test = sorted(source.select(split), key=lambda c: c["id"])
     random.Random(seed).shuffle(test)  # a shuffle, sliced: a smaller size is a prefix of a larger one
     return [c["turns"][0] for c in test[:size]]
 

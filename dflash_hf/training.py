@@ -91,6 +91,9 @@ def block_attention_mask(anchors: torch.Tensor, block_size: int, context_len: in
 # ------------------------------------------------------------------------------------------------------------------
 # Features
 # ------------------------------------------------------------------------------------------------------------------
+TEACHER_TOPK = 16  # target log-probabilities kept per position for distillation
+
+
 @torch.no_grad()
 def extract_features(
     target: Any,
@@ -98,12 +101,17 @@ def extract_features(
     out_dir: str | os.PathLike,
     layer_ids: list[int],
     dtype: torch.dtype = torch.float16,
+    teacher_top_k: int = 0,
 ) -> int:
     """Cache the taps of every position of every record: one ``features-NNNNN.safetensors`` per data shard.
 
     Each holds ``ids_i`` [L_i] and ``taps_i`` [L_i, K*H] (``dtype``) plus ``prompt_len`` metadata for the records
     of ``shard-NNNNN.jsonl``; files are written atomically and existing ones are skipped, so an interrupted run
     resumes where it stopped and a grown run only extracts its new shards.
+
+    With ``teacher_top_k`` > 0 the same target forward also gives the target's next-token distribution, for
+    distillation: ``teacher-NNNNN.safetensors`` beside each features file holds ``topk_ids_i`` [L_i, k] (int32)
+    and ``topk_logprobs_i`` [L_i, k] (float16, log-softmax over the whole vocabulary); row p predicts token p+1.
     """
     data_shards = sorted(Path(data_dir).glob("shard-*.jsonl"))
     if not data_shards:
@@ -120,17 +128,26 @@ def extract_features(
     with TapRecorder(target, layer_ids, torch.device("cpu")) as taps:
         for data_shard in tqdm(data_shards, desc="features", unit="shard"):
             path = out_dir / data_shard.name.replace("shard-", "features-").replace(".jsonl", ".safetensors")
-            if path.exists():
+            teacher_path = path.with_name(path.name.replace("features-", "teacher-"))
+            want_taps, want_teacher = not path.exists(), teacher_top_k > 0 and not teacher_path.exists()
+            if not (want_taps or want_teacher):
                 continue
-            tensors, prompt_lens, spans = {}, [], []
+            tensors, teacher, prompt_lens, spans = {}, {}, [], []
             for i, record in enumerate(read_jsonl(data_shard)):
                 ids = torch.tensor(record["input_ids"], dtype=torch.long)
-                target(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
+                out = target(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=0 if want_teacher else 1)
                 tensors[f"ids_{i}"] = ids
                 tensors[f"taps_{i}"] = taps.take()[0].to(dtype).contiguous()
                 prompt_lens.append(int(record["prompt_len"]))
                 spans.append(response_spans(record))
-            _atomic_save(tensors, path, {"prompt_lens": json.dumps(prompt_lens), "response_spans": json.dumps(spans)})
+                if want_teacher:
+                    logprobs, top_ids = out.logits[0].float().log_softmax(-1).topk(teacher_top_k, dim=-1)  # [L, k]
+                    teacher[f"topk_ids_{i}"] = top_ids.to(torch.int32).cpu().contiguous()
+                    teacher[f"topk_logprobs_{i}"] = logprobs.to(torch.float16).cpu().contiguous()
+            if want_taps:
+                _atomic_save(tensors, path, {"prompt_lens": json.dumps(prompt_lens), "response_spans": json.dumps(spans)})
+            if want_teacher:
+                _atomic_save(teacher, teacher_path, {"top_k": str(teacher_top_k)})
             written += 1
     return written
 
@@ -143,15 +160,19 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 class FeatureDataset(torch.utils.data.Dataset):
     """(ids [L], taps [L, K*H], prompt_len) examples from cached feature shards, loaded into memory;
     ``spans[i]``: the response spans of example i (one ``[prompt_len, L)`` for single-turn records and for
-    shards written before multi-turn records existed)."""
+    shards written before multi-turn records existed); ``teachers[i]``: (top-k ids [L, k], log-probs [L, k]) of the
+    target's distribution when ``extract_features(teacher_top_k=...)`` wrote ``teacher-*.safetensors`` beside the features, else
+    None."""
 
     def __init__(self, feature_dir: str | os.PathLike, min_response: int = 2) -> None:
         self.examples: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self.spans: list[list[list[int]]] = []
+        self.teachers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         shards = sorted(Path(feature_dir).glob("features-*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"No features-*.safetensors in {feature_dir}; run feature extraction first.")
         for shard in shards:
+            teacher = _load_teacher(shard.with_name(shard.name.replace("features-", "teacher-")))
             with safe_open(str(shard), framework="pt") as handle:
                 metadata = handle.metadata()
                 prompt_lens = json.loads(metadata["prompt_lens"])
@@ -162,13 +183,75 @@ class FeatureDataset(torch.utils.data.Dataset):
                     if sum(end - start for start, end in spans) >= min_response:
                         self.examples.append((ids, handle.get_tensor(f"taps_{i}"), prompt_len))
                         self.spans.append(spans)
+                        self.teachers.append(None if teacher is None else teacher[i])
         self.layer_ids = json.loads((Path(feature_dir) / "features.json").read_text())["layer_ids"]
+
+    @property
+    def has_teacher(self) -> bool:
+        return bool(self.teachers) and all(t is not None for t in self.teachers)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int):
         return self.examples[index]
+
+
+def _load_teacher(path: Path) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        count = sum(1 for key in handle.keys() if key.startswith("topk_ids_"))
+        return [(handle.get_tensor(f"topk_ids_{i}").long(), handle.get_tensor(f"topk_logprobs_{i}").float())
+                for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reduced draft vocabulary
+# ------------------------------------------------------------------------------------------------------------------
+def draft_vocabulary(records: list[dict], size: int, always: tuple[int, ...] = ()) -> list[int]:
+    """The ``size`` token ids the target writes most often in the responses of ``records`` (sorted ids), plus
+    ``always`` (e.g. its end-of-turn tokens): the reduced vocabulary a drafter proposes from (FR-Spec, EAGLE-3)."""
+    counts = torch.zeros(max(max(r["input_ids"]) for r in records) + 1, dtype=torch.long)
+    for record in records:
+        ids = record["input_ids"]
+        for start, end in response_spans(record):
+            counts += torch.bincount(torch.tensor(ids[start:end], dtype=torch.long), minlength=counts.numel())
+    chosen = set(counts.argsort(descending=True, stable=True)[:size].tolist()) | set(always)
+    return sorted(chosen)
+
+
+def vocabulary_coverage(records: list[dict], vocab: list[int]) -> float:
+    """Fraction of the response tokens of ``records`` that ``vocab`` holds (the most any drafter limited to it
+    could get right)."""
+    keep = set(vocab)
+    total = hits = 0
+    for record in records:
+        ids = record["input_ids"]
+        for start, end in response_spans(record):
+            total += end - start
+            hits += sum(1 for t in ids[start:end] if t in keep)
+    return hits / max(1, total)
+
+
+class DraftHead(torch.nn.Module):
+    """The frozen head a drafter is trained through: the target's LM head, cut to ``vocab`` when given.
+    ``index[t]`` is the head row of token t, -1 for tokens outside the draft vocabulary."""
+
+    def __init__(self, lm_head: torch.nn.Module, vocab: list[int] | None) -> None:
+        super().__init__()
+        weight = lm_head.weight.detach()
+        full = weight.shape[0]
+        if vocab is None:
+            self.weight = weight
+            self.index = torch.arange(full)
+        else:
+            rows = torch.tensor(vocab, dtype=torch.long)
+            self.weight = weight.index_select(0, rows.to(weight.device)).contiguous()
+            self.index = torch.full((full,), -1, dtype=torch.long).index_copy_(0, rows, torch.arange(len(vocab)))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -188,6 +271,7 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 20
     mixed_precision: str = "no"  # or "bf16": autocast forward (fast on GPUs and on CPUs with AVX512-BF16)
+    distill: float = 0.0  # weight of the distillation term (needs teacher files); 1 - distill weighs cross-entropy
 
 
 def block_loss(
@@ -199,9 +283,18 @@ def block_loss(
     anchors: torch.Tensor,
     weights: torch.Tensor,
     label_ends: torch.Tensor | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    distill: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """Weighted block cross-entropy of one sequence. ids: [L]; taps: [L, K*H]; anchors: [N]; ``label_ends`` [N]:
-    a block's labels count only before this position (the end of its response span; default L)."""
+    """Weighted block loss of one sequence. ids: [L]; taps: [L, K*H]; anchors: [N]; ``label_ends`` [N]: a block's
+    labels count only before this position (the end of its response span; default L).
+
+    ``lm_head`` is the target's LM head or a ``DraftHead`` (cut to a reduced draft vocabulary: labels outside it
+    are not trained and count as misses). With ``teacher`` (the target's top-k ids and log-probs per position,
+    [L, k] each) and ``distill`` > 0, each slot's loss is ``(1 - distill) * CE + distill * KD``, KD being the
+    cross-entropy of the drafter against the target's distribution renormalised over its top k (over the top-k
+    tokens the head holds); it equals CE when that distribution is one-hot on the label.
+    """
     block = drafter.config.block_size
     device = drafter.fc.weight.device
     seq_len = ids.shape[0]
@@ -222,18 +315,37 @@ def block_loss(
         attention_bias=bias[None, None],
     )  # [1, N*B, H]
     hidden = hidden.view(anchors.shape[0], block, -1)[:, 1:]  # [N, B-1, H]
-    labels_pos = positions[:, 1:]  # [N, B-1]
-    valid = labels_pos < (seq_len if label_ends is None else label_ends[:, None])
-    labels = ids[labels_pos.clamp(max=seq_len - 1)].to(device)
-    logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # [N, B-1, V]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    w = (weights.to(device)[None, :] * valid.to(device)).reshape(-1)
-    loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    labels_pos = positions[:, 1:].clamp(max=seq_len - 1)  # [N, B-1]
+    valid = positions[:, 1:] < (seq_len if label_ends is None else label_ends[:, None])
+    index = getattr(lm_head, "index", None)  # token id -> head row (-1: outside the draft vocabulary)
+    labels = ids[labels_pos] if index is None else index[ids[labels_pos]]
+    valid = valid & (labels >= 0)
+    labels, valid = labels.clamp(min=0).to(device), valid.to(device)
+    logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # [N, B-1, V'] (V' = draft vocabulary size)
+    log_q = logits.log_softmax(-1)
+    slot_loss = -log_q.gather(-1, labels[..., None])[..., 0]  # cross-entropy per slot [N, B-1]
+    if teacher is not None and distill > 0:
+        slot_loss = (1 - distill) * slot_loss + distill * _teacher_cross_entropy(log_q, teacher, labels_pos, index)
+    w = weights.to(device)[None, :] * valid
+    loss = (slot_loss * w).sum() / w.sum().clamp(min=1e-6)
     with torch.no_grad():
-        hits = (logits.argmax(-1) == labels) & valid.to(device)  # [N, B-1]
+        hits = (logits.argmax(-1) == labels) & valid  # [N, B-1]
         # tokens a block would get accepted: the length of its leading run of correct drafts (+1 bonus)
         accept = hits.int().cumprod(dim=1).sum(dim=1).float().mean() + 1
     return loss, {"loss": float(loss.detach()), "acc_slot1": float(hits[:, 0].float().mean()), "accept_len": float(accept)}
+
+
+def _teacher_cross_entropy(log_q: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], labels_pos: torch.Tensor,
+                           index: torch.Tensor | None) -> torch.Tensor:
+    """-sum_v p(v) log q(v) per slot [N, B-1], p = the target's top-k distribution at the position before each
+    label (row p of the teacher predicts token p+1), renormalised over the top-k tokens the head holds."""
+    top_ids, top_logprobs = teacher
+    rows = labels_pos - 1  # [N, B-1]; labels are never at position 0 (anchors are response positions)
+    head_rows = top_ids[rows] if index is None else index[top_ids[rows]]  # [N, B-1, k]
+    held = head_rows >= 0
+    p = top_logprobs[rows].masked_fill(~held, float("-inf")).softmax(-1)  # [N, B-1, k]
+    p = torch.nan_to_num(p, nan=0.0).to(log_q.device)  # a slot whose top k all lie outside the head: no term
+    return -(p * log_q.gather(-1, head_rows.clamp(min=0).to(log_q.device))).sum(-1)
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -277,8 +389,14 @@ def train_drafter(
     # (not a prepared module) must run inside it too.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     autocast_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.distill > 0 and not dataset.has_teacher:
+        raise ValueError(
+            f"distill={config.distill} needs the target's distribution beside the features (teacher-*.safetensors, "
+            "written by extract_features(teacher_top_k=...) / `dflash-hf train --distill`); extract it or set distill to 0."
+        )
     embed = target.get_input_embeddings().requires_grad_(False)
-    lm_head = target.get_output_embeddings().requires_grad_(False)
+    lm_head = DraftHead(target.get_output_embeddings().requires_grad_(False),
+                        getattr(drafter.config, "draft_vocab", None))
     drafter.train()
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -306,7 +424,7 @@ def train_drafter(
             anchors = sample_anchors(prompt_len, ids.shape[0], config.num_anchors, generator, spans)
             with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
                 loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors, weights,
-                                     anchor_label_ends(anchors, spans))
+                                     anchor_label_ends(anchors, spans), dataset.teachers[index], config.distill)
             accelerator.backward(loss / config.batch_size)
             for key in metrics:
                 metrics[key] += m[key] / config.batch_size
@@ -375,6 +493,10 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
     }
     if any("turns" in r for r in records):
         summary["assistant turns written by the target"] = sum(len(r.get("turns") or [None]) for r in records)
+    if config.get("distill", 0.0) > 0:
+        summary["distillation weight (against the target's top-16 distribution)"] = config["distill"]
+    if drafter_config.get("draft_vocab"):
+        summary["draft vocabulary (response tokens the target writes most)"] = len(drafter_config["draft_vocab"])
     if config.get("mixed_precision", "no") != "no":
         summary["mixed precision"] = config["mixed_precision"]
     timings = run_dir / "timings.json"
@@ -394,12 +516,16 @@ def _append_history(path: Path, rows: list[dict]) -> None:
 
 
 __all__ = [
+    "DraftHead",
     "FeatureDataset",
+    "TEACHER_TOPK",
     "TrainConfig",
     "block_attention_mask",
     "anchor_label_ends",
     "block_loss",
+    "draft_vocabulary",
     "extract_features",
+    "vocabulary_coverage",
     "loss_weights",
     "sample_anchors",
     "summarize_run",
