@@ -77,6 +77,35 @@ def converted_target_dir() -> Path:
     return out
 
 
+def default_target_folder() -> Path:
+    """The default target as a plain transformers folder: config.json, float32 model.safetensors, tokenizer and
+    chat template, which vLLM and SGLang load as a model path (``vllm serve FOLDER``). It is the cache that
+    ``load_default_target`` reads, converted from the GGUF file on first use."""
+    return converted_target_dir()
+
+
+def export_default_target(out_dir: str | os.PathLike) -> Path:
+    """Copy ``default_target_folder()`` to ``out_dir`` (``dflash-hf export-target OUT``): a folder that does not
+    depend on this cache. ``out_dir`` appears complete or not at all; an existing non-empty one is refused."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose another OUT or remove it yourself.")
+    source = default_target_folder()
+    tmp = staging_dir(out.parent, prefix=f".{out.name}.export-")
+    try:
+        for path in sorted(source.iterdir()):
+            if path.is_file():
+                shutil.copyfile(path, tmp / path.name)
+        make_shareable(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above: a directory cannot be renamed onto it otherwise
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def load_default_target(dtype: torch.dtype | None = None):
     """(target, tokenizer) of SmolLM2-135M-Instruct, offline. ``dtype`` defaults to float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +149,8 @@ __all__ = [
     "cache_root",
     "converted_target_dir",
     "default_drafter_dir",
+    "default_target_folder",
+    "export_default_target",
     "load_default_pair",
     "load_default_target",
 ]

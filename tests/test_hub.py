@@ -276,8 +276,9 @@ def test_export_stores_drafts_per_step_and_checks_the_bench_against_it(checkpoin
     assert hub.hub_folder_problems(out) == []
     card = (out / "README.md").read_text()
     assert "| drafts verified per step (default) | 3 (`num_speculative_tokens` in config.json" in card
-    assert '"num_speculative_tokens": 3}' in card  # the vLLM snippet serves what was measured
     prose = " ".join(card.split())
+    # vLLM's K is also its draft block (1 + K slots): the snippet drafts the whole trained block (tests/test_vllm_serving.py)
+    assert '"num_speculative_tokens": 7}' in card and "still drafts the whole block and verifies only the first 3." in prose
     assert "8.2 ms of drafting and 33.4 ms of verification, against 41.5 ms per token" in prose
     assert "took 30.1 ms; against a plain decode paying that per token, DFlash would be 1.01×" in prose
     assert pair[1].num_speculative_tokens is None  # the in-memory model the checkpoint came from is untouched
