@@ -18,9 +18,12 @@ every answer in ``input_ids``, the positions training learns from. ``prompt_len`
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -285,9 +288,78 @@ def generate_responses(
     yield from answer_conversations(tokenizer, prompts, answer, batch_size, progress)
 
 
+class OpenAIServerError(RuntimeError):
+    """An OpenAI-compatible server refused a request, kept failing, or is gone; the message says which."""
+
+
+# Answers worth another try: overloaded or restarting servers and proxies. Anything else (400: a prompt longer
+# than the server's context, 404: a model it does not serve) fails at once with the server's words.
+_TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_BACKOFF_S = 1.0  # first wait before a retry, doubled each time: 1 + 2 + 4 + 8 s over the default 4 retries
+
+
+class OpenAIClient:
+    """JSON over HTTP to ``BASE_URL/v1``: bounded time per request, transient errors retried with backoff.
+
+    The key, if any, is read from ``$api_key_env`` and only ever sent in the Authorization header."""
+
+    def __init__(self, base_url: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 600.0,
+                 retries: int = 4, backoff_s: float | None = None) -> None:
+        root = base_url.rstrip("/")
+        self.v1 = root if root.endswith("/v1") else root + "/v1"
+        self.timeout, self.retries = timeout, retries
+        self.backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
+        self.headers = {"Content-Type": "application/json"}
+        if os.environ.get(api_key_env):
+            self.headers["Authorization"] = "Bearer " + os.environ[api_key_env]
+
+    def get(self, path: str) -> dict:
+        return self._call(urllib.request.Request(self.v1 + path, headers=self.headers, method="GET"))
+
+    def post(self, path: str, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        return self._call(urllib.request.Request(self.v1 + path, data=data, headers=self.headers, method="POST"))
+
+    def served_model(self) -> str:
+        """The first model ``/v1/models`` lists (vLLM serves one, named after its path unless told otherwise)."""
+        models = self.get("/models").get("data") or []
+        if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+            raise OpenAIServerError(f"{self.v1}/models lists no model; pass --openai-model NAME.")
+        return models[0]["id"]
+
+    def _call(self, request: urllib.request.Request) -> dict:
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    return json.loads(reply.read().decode())
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:400].decode(errors="replace")
+                if err.code not in _TRANSIENT_HTTP:
+                    raise OpenAIServerError(f"{request.full_url} answered HTTP {err.code}: {detail}") from None
+                last = f"HTTP {err.code}: {detail}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
+                last = _connection_problem(err)
+            except ValueError as err:  # a reply that is not JSON
+                raise OpenAIServerError(f"{request.full_url} did not answer JSON: {err}") from None
+        raise OpenAIServerError(
+            f"{request.full_url} failed {self.retries + 1} time(s) ({last}): the server is gone or not answering. "
+            "Finished shards are kept: rerun the same command to resume once the server is back."
+        )
+
+
+def _connection_problem(err: Exception) -> str:
+    reason = getattr(err, "reason", err)
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused: nothing listens there"
+    return f"{type(reason).__name__}: {reason}"
+
+
 def openai_responses(
     base_url: str,
-    model: str,
+    model: str | None,
     tokenizer: Any,
     prompts: list[Prompt],
     max_new_tokens: int = 256,
@@ -295,35 +367,76 @@ def openai_responses(
     api_key_env: str = "OPENAI_API_KEY",
     timeout: float = 600.0,
     progress: Callable[[int, int], None] | None = None,
+    concurrency: int = 16,
+    retries: int = 4,
+    seed: int = 0,
 ) -> Iterator[dict]:
-    """Responses from an OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang), tokenised locally.
+    """Responses written by an OpenAI-compatible server (vLLM), as the token ids the target itself produced.
 
-    Conversations are sent turn by turn with the server's own earlier answers. The key, if any, is read from
-    ``$api_key_env`` and only ever sent in the Authorization header.
+    Every turn goes to ``/v1/completions`` as the token ids of the chat template rendered here (the ids local
+    ``generate`` answers), with ``return_token_ids``: the server returns the ids it sampled, EOS included when it
+    stopped there, and nothing is re-tokenised (decoding text and encoding it again can give a sequence the target
+    never wrote). A server that returns no token ids, or other prompt ids than it was sent, is refused.
+    ``concurrency`` requests are kept in flight so that the server's continuous batching has rows to batch.
+    Conversations are answered turn by turn in the context of the server's own earlier answers, decoded here as
+    local regeneration decodes them. ``model`` None asks the server which model it serves.
     """
-    url = base_url.rstrip("/") + ("/chat/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(api_key_env):
-        headers["Authorization"] = "Bearer " + os.environ[api_key_env]
-    eos = tokenizer.eos_token_id
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}.")
+    client = OpenAIClient(base_url, api_key_env, timeout, retries)
+    answer = _server_answerer(client, model or client.served_model(), max_new_tokens, temperature, seed,
+                              concurrency, progress)
+    # One batch per turn: the pool, not the batch, decides how many rows the server holds at once.
+    yield from answer_conversations(tokenizer, prompts, answer, batch_size=max(1, len(prompts)))
 
-    def answer(batch_messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list:
-        answers = []
-        for messages in batch_messages:
-            body = json.dumps({"model": model, "messages": messages, "max_tokens": max_new_tokens,
-                               "temperature": temperature}).encode()
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                payload = json.loads(reply.read().decode())
-            choice = payload["choices"][0]
-            text = choice["message"]["content"]
-            response = tokenizer(text, add_special_tokens=False).input_ids
-            if choice.get("finish_reason") == "stop" and eos is not None:
-                response.append(eos)
-            answers.append((response, text))
-        return answers
 
-    yield from answer_conversations(tokenizer, prompts, answer, batch_size=1, progress=progress)
+def _server_answerer(client: OpenAIClient, model: str, max_new_tokens: int, temperature: float, seed: int,
+                     concurrency: int, progress: Callable[[int, int], None] | None) -> Callable:
+    def complete(ids: list[int], request_seed: int) -> list[int]:
+        body = {"model": model, "prompt": ids, "max_tokens": max_new_tokens, "temperature": temperature,
+                "return_token_ids": True}
+        if temperature > 0:
+            body["seed"] = request_seed
+        return _answer_ids(client.post("/completions", body), ids, client.v1)
+
+    def answer(messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list[tuple[list[int], None]]:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(concurrency, len(encoded)))
+        failed = True
+        try:
+            futures = {pool.submit(complete, ids, seed + seed_offset + row): row for row, ids in enumerate(encoded)}
+            answers: list[list[int]] = [[] for _ in encoded]
+            for future in concurrent.futures.as_completed(futures):
+                answers[futures[future]] = future.result()
+                if progress is not None:  # called from this thread only
+                    progress(1, len(answers[futures[future]]))
+            failed = False
+        finally:
+            pool.shutdown(wait=not failed, cancel_futures=True)
+        return [(ids, None) for ids in answers]  # None: decoded here, as local regeneration decodes its answers
+
+    return answer
+
+
+def _answer_ids(payload: dict, sent: list[int], where: str) -> list[int]:
+    """The token ids of a ``/v1/completions`` reply's first choice, checked against the prompt ids sent."""
+    try:
+        choice = payload["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        raise OpenAIServerError(f"{where}/completions answered without choices: {str(payload)[:300]}") from None
+    ids = choice.get("token_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        raise OpenAIServerError(
+            f"{where}/completions returned no token_ids: the server does not support return_token_ids (vLLM "
+            "0.32 does). Training data must be the target's own token ids, and re-tokenising its text can give "
+            "a sequence it never wrote, so dflash-hf does not fall back to the text."
+        )
+    echoed = choice.get("prompt_token_ids")
+    if echoed is not None and list(echoed) != sent:
+        raise OpenAIServerError(
+            f"{where}/completions answered other prompt ids than it was sent ({len(echoed)} ids for {len(sent)}): "
+            "the server changed the prompt (an added BOS?), so its answer does not continue our sequence."
+        )
+    return ids
 
 
 def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, shard_size: int, skip_shards: int = 0) -> int:
@@ -354,6 +467,7 @@ def regenerate(
     openai_base_url: str | None = None,
     openai_model: str | None = None,
     assistant_model: Any = None,
+    openai_concurrency: int = 16,
 ) -> int:
     """Stage 1 of training: write the target's responses to ``prompts`` (strings or conversations) as shards.
 
@@ -378,8 +492,9 @@ def regenerate(
         for first in range(0, len(remaining), window):
             chunk = remaining[first : first + window]
             if openai_base_url:
-                records = openai_responses(openai_base_url, openai_model or "default", tokenizer, chunk,
-                                           max_new_tokens, temperature, progress=meter.update)
+                records = openai_responses(openai_base_url, openai_model, tokenizer, chunk, max_new_tokens,
+                                           temperature, progress=meter.update, concurrency=openai_concurrency,
+                                           seed=done + first)
             else:
                 records = generate_responses(target, tokenizer, chunk, max_new_tokens, temperature, batch_size,
                                              seed=done + first, assistant_model=assistant_model,
@@ -450,6 +565,8 @@ def load_records(data_dir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
+    "OpenAIClient",
+    "OpenAIServerError",
     "REGENERATION_LOG",
     "ThroughputMeter",
     "answer_conversations",
