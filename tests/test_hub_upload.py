@@ -31,3 +31,14 @@ def test_shipped_folder_is_what_export_produces(tmp_path):
     card = (SHIPPED / "README.md").read_text()
     assert bench["command"] in card
     assert f"{bench['methods']['dflash']['mean_acceptance_length']:.2f}" in card
+
+
+def test_shipped_card_gives_every_suite_and_the_cpu():
+    bench = json.loads(BENCH.read_text())
+    card = (SHIPPED / "README.md").read_text()
+    assert bench["suites"], "the shipped bench JSON carries the per-suite table of dflash-hf bench --suite"
+    for suite in bench["suites"]:
+        row = (f"| {suite['suite']} | {suite['prompts']} | {suite['mean_acceptance_length']:.2f} | "
+               f"{suite['speedup']:.2f}× | {suite['lossless_prompts']}/{suite['prompts']} |")
+        assert row in card, row
+    assert bench["cpu_info"]["cpu_model"] in card

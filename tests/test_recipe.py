@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, make_target
+from test_training import _acceptance, _target_records as _records  # the trainer tests' tiny runs
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
 from dflash_hf.data import load_records, write_shards
@@ -25,16 +26,6 @@ from dflash_hf.training import (
 )
 
 TAPS = [1, 2]
-
-
-def _records(target, num, seed, new_tokens=40):
-    g = torch.Generator().manual_seed(seed)
-    records = []
-    for _ in range(num):
-        prompt = torch.randint(0, VOCAB, (1, 6), generator=g)
-        out = target.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-        records.append({"prompt": "", "input_ids": out[0].tolist(), "prompt_len": 6})
-    return records
 
 
 def _drafter(target, seed=0, **config):
@@ -172,17 +163,6 @@ def test_reduced_vocab_drafts_only_its_tokens_and_stays_lossless():
         plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
         out = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter)
         assert torch.equal(plain, out)
-
-
-def _acceptance(target, drafter, seeds):
-    lengths = []
-    for seed in seeds:
-        prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
-        plain = target.generate(prompt, max_new_tokens=30, do_sample=False)
-        out = target.generate(prompt, max_new_tokens=30, do_sample=False, assistant_model=drafter)
-        assert torch.equal(plain, out)
-        lengths.extend(drafter.last_stats.acceptance_lengths)
-    return sum(lengths) / len(lengths)
 
 
 @pytest.mark.parametrize("switch", ["distill", "draft_vocab"])

@@ -57,6 +57,10 @@ class DFlashConfig(PretrainedConfig):
         num_speculative_tokens: drafts verified per step by default (1 … ``block_size - 1``; absent or None: all).
             A drafter that is rarely accepted far into its block verifies fewer and saves the target the extra rows.
             Only the default of ``DFlashDraftModel.num_speculative_tokens``, which a user may change per model.
+        draft_vocab: optional sorted list of distinct token ids the drafter proposes from (a reduced draft
+            vocabulary: the head multiplies only these rows of the target's LM head). The target still verifies
+            over the whole vocabulary, so outputs never change. Readers that do not know the key (vLLM, z-lab's
+            loader) ignore it and draft over the whole vocabulary. Absent: the whole vocabulary.
         The remaining arguments mean what they mean in ``Qwen3Config``.
     """
 
@@ -65,6 +69,7 @@ class DFlashConfig(PretrainedConfig):
     # unless set.
     is_causal: bool | None = None
     num_speculative_tokens: int | None = None
+    draft_vocab: list[int] | None = None
 
     def __init__(
         self,
@@ -97,6 +102,7 @@ class DFlashConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         is_causal: bool | None = None,
         num_speculative_tokens: int | None = None,
+        draft_vocab: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.vocab_size = _as_int("vocab_size", vocab_size, minimum=1, maximum=_MAX_VOCAB)
@@ -143,6 +149,8 @@ class DFlashConfig(PretrainedConfig):
                     f"block holds), got {drafts}; remove it from config.json to verify every draft."
                 )
             self.num_speculative_tokens = drafts
+        if draft_vocab is not None:  # absent: kept out of config.json
+            self.draft_vocab = _draft_vocab(draft_vocab, self.vocab_size)
         if not isinstance(dflash_config, (dict, type(None))):
             raise ValueError(f"dflash_config must be a mapping, got {type(dflash_config).__name__}.")
         nested = dict(dflash_config or {})
@@ -216,6 +224,17 @@ class DFlashConfig(PretrainedConfig):
 _MAX_WIDTH = 2**20
 _MAX_COUNT = 2**12
 _MAX_VOCAB = 2**24
+
+
+def _draft_vocab(ids: Any, vocab_size: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ValueError(f"draft_vocab must be a non-empty list of token ids, got {type(ids).__name__}.")
+    ids = [_as_int("draft_vocab[]", t, minimum=0) for t in ids]
+    if ids[-1] >= vocab_size:
+        raise ValueError(f"draft_vocab holds token id {ids[-1]}, outside the vocabulary (vocab_size={vocab_size}).")
+    if any(a >= b for a, b in zip(ids, ids[1:])):
+        raise ValueError("draft_vocab must list distinct token ids in increasing order; sort it and drop repeats.")
+    return ids
 
 
 def _as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:

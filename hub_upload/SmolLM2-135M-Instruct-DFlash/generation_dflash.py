@@ -324,7 +324,6 @@ class DraftSession:
         offsets = torch.arange(self.block_size, device=anchor_position.device)
         block_positions = anchor_position[:, None] + offsets  # [R, B]
         embeds = self.embed(block.to(self.embed.weight.device))
-        head = self.draft_head()
         with few_row_linear(self.device, self.options.few_row_matmul_on_cpu):
             hidden = self.drafter(
                 embeds.to(self.device),
@@ -334,25 +333,44 @@ class DraftSession:
                 cache=self.cache,
             )
             drafted = hidden[:, 1 : 1 + self.max_drafts]  # only the slots that will be verified go through the head
-            return head(drafted.to(device=head.weight.device, dtype=head.weight.dtype))
+            return self.draft_logits(drafted)
 
-    def draft_head(self) -> nn.Module:
-        """The target's LM head, in the drafter's dtype when the two differ (e.g. a bfloat16 drafter of a float32
-        target on CPU): drafts are only proposals, so their precision never changes the output. The cast copy is
-        kept on the drafter and remade when the head's weights change."""
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, n, H] drafter states -> [R, n, V] logits over the whole vocabulary. With a reduced draft vocabulary
+        only its rows of the LM head are multiplied and every other token gets -inf (never drafted)."""
+        head, vocab = self.draft_head()
+        logits = head(hidden.to(device=head.weight.device, dtype=head.weight.dtype))
+        if vocab is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.lm_head.out_features), float("-inf"))
+        return full.index_copy_(-1, vocab, logits)
+
+    def draft_head(self) -> tuple[nn.Module, torch.Tensor | None]:
+        """The head drafts go through and the token ids of its rows (None: the whole vocabulary, in order).
+
+        It is the target's LM head, cast to the drafter's dtype when the two differ (e.g. a bfloat16 drafter of a
+        float32 target on CPU), and cut to the drafter's ``draft_vocab`` when it has one: drafts are only
+        proposals, so neither changes the output. The copy is kept on the drafter and remade when the head's
+        weights change. A head that is not a plain linear layer (quantized) is used as it is, whole."""
         head = self.lm_head
         dtype = self.drafter.fc.weight.dtype
-        if type(head) is not nn.Linear or head.weight.dtype == dtype or not head.weight.is_floating_point():
-            return head
-        key = (head.weight.data_ptr(), head.weight._version, dtype, head.weight.device)
+        draft_vocab = getattr(self.drafter.config, "draft_vocab", None)
+        plain = type(head) is nn.Linear and head.weight.is_floating_point()
+        if not plain or (head.weight.dtype == dtype and draft_vocab is None):
+            return head, None
+        key = (head.weight.data_ptr(), head.weight._version, dtype, head.weight.device, id(draft_vocab))
         cached = getattr(self.drafter, "_draft_head_cache", None)
         if cached is None or cached[0] != key:
-            copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+            vocab = None if draft_vocab is None else torch.tensor(draft_vocab, device=head.weight.device)
+            rows = head.weight if vocab is None else head.weight.index_select(0, vocab)
+            copy = nn.Linear(head.in_features, rows.shape[0], bias=head.bias is not None,
                              device=head.weight.device, dtype=dtype).requires_grad_(False)
-            copy.load_state_dict(head.state_dict())  # casts to ``dtype``
-            cached = (key, copy)
+            copy.weight.copy_(rows)
+            if head.bias is not None:
+                copy.bias.copy_(head.bias if vocab is None else head.bias.index_select(0, vocab))
+            cached = (key, copy, vocab)
             self.drafter._draft_head_cache = cached  # a plain attribute (a tuple): never saved, moved or trained
-        return cached[1]
+        return cached[1], cached[2]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -685,16 +703,28 @@ def run_dflash_decoding(
         streamer.end()
     if num_rows > 1:
         output = _assemble_batch(state, pad_token)
+        report_finished_call(drafter, output, mask, stats, generation_config)
         # Finished rows left the cache: it no longer matches the batch, so none is returned.
         return make_generate_output(output, None) if generation_config.return_dict_in_generate else output
     keep_draft_context(cache, drafter, session.cache, state.context, state.context_positions)
     output = state.row_ids(0).clone()  # not a view that would keep the whole buffer alive
+    report_finished_call(drafter, output, mask, stats, generation_config)
     if not generation_config.return_dict_in_generate:
         return output
     return make_generate_output(
         output, cache, scores=tuple(scores_out) if want_scores else None,
         logits=tuple(logits_out) if want_logits else None,
     )
+
+
+def report_finished_call(drafter: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                         stats: DFlashStats, generation_config: Any) -> None:
+    """Hand a call that is about to return normally to ``drafter.traffic_recorder``, when one is set (by
+    ``dflash_hf.record_traffic``; any object with this ``record_call`` works): the returned sequences [N, L], the
+    prompt's attention mask [N, P] (the prompt is ``sequences[:, :P]``), one DFlashStats per row, the config."""
+    recorder = getattr(drafter, "traffic_recorder", None)
+    if recorder is not None:
+        recorder.record_call(sequences, attention_mask, stats.rows or [stats], generation_config)
 
 
 def _drop_surplus(cache: Any, snapshot: Any, surplus: int, accepted: int, block: torch.Tensor,
@@ -732,6 +762,7 @@ __all__ = [
     "DraftSession",
     "TapRecorder",
     "draft_block",
+    "report_finished_call",
     "run_dflash_decoding",
     "target_decoder_layers",
     "target_text_config",

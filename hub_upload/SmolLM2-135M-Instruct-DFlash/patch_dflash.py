@@ -21,7 +21,14 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 from transformers.utils import logging
 
-from .generation_dflash import DFlashOptions, DFlashStats, DraftSession, TapRecorder, validate_pair
+from .generation_dflash import (
+    DFlashOptions,
+    DFlashStats,
+    DraftSession,
+    TapRecorder,
+    report_finished_call,
+    validate_pair,
+)
 from .transformers_compat import (
     assistant_from_validate_args,
     cache_from_model_kwargs,
@@ -194,9 +201,12 @@ def install_generate_patch() -> None:
         try:
             result = original_assisted(self, *args, **kwargs)
             sequences = result if isinstance(result, torch.Tensor) else result.sequences
-            prompt_len = (args[0] if args else kwargs["input_ids"]).shape[1]
+            prompt = args[0] if args else kwargs["input_ids"]
+            mask = kwargs.get("attention_mask")
             for generator in generators:
-                generator.finish(sequences.shape[1], prompt_len)
+                generator.finish(sequences.shape[1], prompt.shape[1])
+                report_finished_call(assistant, sequences, torch.ones_like(prompt) if mask is None else mask,
+                                     generator.stats, kwargs.get("generation_config"))
             return result
         finally:
             for generator in generators:
