@@ -29,6 +29,7 @@ _EXPORTS = {
     "default_target_layer_ids": "configuration_dflash",
     "install_generate_patch": "patch_dflash",
     "load_default_pair": "default_pair",
+    "record_traffic": "traffic",
 }
 _TRANSFORMERS_GENERATION = "transformers.generation.utils"
 _OUR_GENERATION = f"{__name__}.patch_dflash"  # the module that holds install_generate_patch
@@ -113,4 +114,5 @@ __all__ = [
     "default_target_layer_ids",
     "install_generate_patch",
     "load_default_pair",
+    "record_traffic",
 ]
