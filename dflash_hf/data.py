@@ -467,14 +467,16 @@ def regenerate(
     openai_base_url: str | None = None,
     openai_model: str | None = None,
     assistant_model: Any = None,
+    sort_window: int = 256,
     openai_concurrency: int = 16,
 ) -> int:
     """Stage 1 of training: write the target's responses to ``prompts`` (strings or conversations) as shards.
 
     Resumes: prompts whose responses are already in ``out_dir`` are skipped (also when a run grows a larger
     prompt list after ending on a partial shard); the rest go to new shards. Work goes window by window, a window
-    being the whole shards that hold at least one batch: prompts are sorted by length inside it (less padding),
-    its shards are written when all their turns are answered, so an interruption loses at most one window.
+    being the whole shards that hold at least ``sort_window`` prompts and one batch: prompts are sorted by length
+    inside it (less padding: chat prompts range from ten tokens to a thousand), its shards are written when all
+    their turns are answered, so an interruption loses at most one window.
     A progress bar shows turns answered, tokens/s and the ETA; ``regeneration.jsonl`` in ``out_dir`` keeps the
     throughput of every run.
     """
@@ -484,7 +486,7 @@ def regenerate(
     remaining = prompts[done:]
     if not remaining:
         return 0
-    window = shard_size * max(1, -(-batch_size // shard_size))
+    window = shard_size * max(1, -(-max(batch_size, sort_window) // shard_size))
     total_turns = sum(len(_user_turns(p)) for p in remaining)
     meter = ThroughputMeter(total_turns)
     next_shard, written = len(shards), 0
