@@ -236,7 +236,7 @@ def conversations_for_resume() -> list[dict]:
 
 def test_interrupted_multi_turn_regeneration_resumes_to_the_same_records(tokenizer, tmp_path):
     target = make_target("llama")
-    kwargs = dict(shard_size=2, max_new_tokens=5, batch_size=2)
+    kwargs = dict(shard_size=2, max_new_tokens=5, batch_size=2, sort_window=2)
     regenerate(target, tokenizer, conversations_for_resume(), tmp_path / "whole", **kwargs)
     whole = load_records(tmp_path / "whole")
     assert [r["id"] for r in whole] == [f"c{i}" for i in range(7)]
