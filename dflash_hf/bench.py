@@ -7,12 +7,15 @@ prompt-lookup) output is compared with plain greedy: a mismatch is reported, nev
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import platform
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,15 @@ from .generation_dflash import max_drafts_per_step
 from .matmul_dflash import few_row_linear
 from .modeling_dflash import DraftCache
 from .cache_dflash import crop_cache
-from .transformers_compat import forward_cache_kwarg
+from .transformers_compat import cache_from_output, forward_cache_kwarg
 
+PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens of the prompt-lookup method
+# How each method is named wherever its results are shown: the bench table and plot, and the model card.
 METHOD_LABELS = {
-    "plain": "plain generate",
-    "dflash": "DFlash",
-    "transformers_dflash": "transformers' DFlash",
-    "prompt_lookup": "prompt lookup (n=10)",
+    "plain": "plain generate (no drafter)",
+    "dflash": "DFlash (dflash-hf loop)",
+    "transformers_dflash": "DFlash in transformers' loop",
+    "prompt_lookup": f"prompt lookup (n={PROMPT_LOOKUP_TOKENS})",
 }
 
 
@@ -128,7 +133,7 @@ def two_row_forward_ms(target: Any, ids: torch.Tensor, repeats: int = 9) -> floa
     cache_kwarg = forward_cache_kwarg(target)
     times = []
     with torch.no_grad():
-        cache = target(input_ids=ids, use_cache=True).past_key_values
+        cache = cache_from_output(target(input_ids=ids, use_cache=True))
         for _ in range(repeats):
             start = time.perf_counter()
             with few_row_linear(ids.device):
@@ -138,6 +143,82 @@ def two_row_forward_ms(target: Any, ids: torch.Tensor, repeats: int = 9) -> floa
     return 1000 * sorted(times)[len(times) // 2]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The methods compared: each is one generate call on one prompt
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class MethodRun:
+    """One method's generate on one prompt: its output, wall time, and what its loop tells about verify steps."""
+
+    output: torch.Tensor
+    seconds: float
+    new_tokens: int
+    verify_steps: int = 0  # target forwards that verified drafts (the prefill excluded)
+    verified_tokens: int = 0  # tokens those forwards committed
+    acceptance_lengths: list[int] = field(default_factory=list)  # DFlash: per verify step
+    draft_s: float = 0.0  # DFlash: drafting and verifying wall time over those steps
+    verify_s: float = 0.0
+
+
+def _method_run(ids: torch.Tensor, out: torch.Tensor, seconds: float, **steps: Any) -> MethodRun:
+    return MethodRun(out, seconds, out.shape[1] - ids.shape[1], **steps)
+
+
+def run_plain(target: Any, ids: torch.Tensor, **generate_kwargs: Any) -> MethodRun:
+    """Plain greedy ``generate``: the reference every other method must reproduce."""
+    return _method_run(ids, *_timed_generate(target, ids, **generate_kwargs))
+
+
+def run_dflash(target: Any, drafter: Any, ids: torch.Tensor, **generate_kwargs: Any) -> MethodRun:
+    """Our DFlash loop; its step statistics come from ``drafter.last_stats``."""
+    out, seconds = _timed_generate(target, ids, assistant_model=drafter, **generate_kwargs)
+    stats = drafter.last_stats
+    return _method_run(ids, out, seconds, verify_steps=stats.num_verify_steps,
+                       verified_tokens=sum(stats.acceptance_lengths), acceptance_lengths=list(stats.acceptance_lengths),
+                       draft_s=stats.draft_time_s, verify_s=stats.verify_time_s)
+
+
+def run_transformers_dflash(target: Any, adapter: TransformersDFlashAdapter, ids: torch.Tensor,
+                            **generate_kwargs: Any) -> MethodRun:
+    """transformers' own DFlash path driving our drafter; it reports no steps, so its target forwards are counted."""
+    adapter.reset()
+    counter = _ForwardCounter(target)
+    try:
+        out, seconds = _timed_generate(target, ids, assistant_model=adapter, speculation_type="dflash",
+                                       **generate_kwargs)
+    finally:
+        counter.handle.remove()
+    # The prefill commits one token; every later forward verifies a block.
+    return _method_run(ids, out, seconds, verify_steps=counter.count - 1,
+                       verified_tokens=out.shape[1] - ids.shape[1] - 1)
+
+
+def run_prompt_lookup(target: Any, ids: torch.Tensor, **generate_kwargs: Any) -> MethodRun:
+    """Prompt-lookup decoding: drafts are n-grams copied from the prompt, no drafter model."""
+    out, seconds = _timed_generate(target, ids, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **generate_kwargs)
+    return _method_run(ids, out, seconds)
+
+
+def _method_runners(methods: tuple[str, ...], target: Any, drafter: Any) -> dict[str, Callable[..., MethodRun]]:
+    """``(ids, **generate_kwargs) -> MethodRun`` for each of ``methods``, in their order."""
+    unknown = [m for m in methods if m not in METHOD_LABELS]
+    if unknown or "plain" not in methods:
+        raise ValueError(f"methods {list(methods)}: each must be one of {', '.join(METHOD_LABELS)}, and 'plain' "
+                         "(the reference the others are checked against) must be among them")
+    runners = {
+        "plain": functools.partial(run_plain, target),
+        "dflash": functools.partial(run_dflash, target, drafter),
+        "prompt_lookup": functools.partial(run_prompt_lookup, target),
+    }
+    if "transformers_dflash" in methods:
+        runners["transformers_dflash"] = functools.partial(run_transformers_dflash, target,
+                                                           TransformersDFlashAdapter(drafter))
+    return {m: runners[m] for m in methods}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bench: every method on every prompt, then the aggregation
+# ----------------------------------------------------------------------------------------------------------------
 def run_bench(
     target: Any,
     tokenizer: Any,
@@ -155,97 +236,94 @@ def run_bench(
     if methods is None:
         methods = ("plain", "dflash", "transformers_dflash", "prompt_lookup") if transformers_has_dflash() else (
             "plain", "dflash", "prompt_lookup")
+    runners = _method_runners(methods, target, drafter)
     device = next(target.parameters()).device
     base = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    adapter = TransformersDFlashAdapter(drafter) if "transformers_dflash" in methods else None
-    per_method = {
-        "plain": {},
-        "dflash": {"assistant_model": drafter},
-        "transformers_dflash": {"assistant_model": adapter, "speculation_type": "dflash"},
-        "prompt_lookup": {"prompt_lookup_num_tokens": 10},
-    }
     encoded = [torch.tensor([chat_prompt_ids(tokenizer, p)], device=device) for p in prompts]
     if warmup:
-        for method in methods:
-            if adapter is not None:
-                adapter.reset()
-            target.generate(encoded[0], **{**base, "max_new_tokens": 8}, **per_method[method])
-    totals = {m: {"tokens": 0, "seconds": 0.0} for m in methods}
-    acceptance: list[int] = []
-    dflash_step_s = [0.0, 0.0, 0]  # drafting seconds, verifying seconds, verify steps (prefills excluded)
-    transformers_steps = [0, 0]  # tokens after the first, verify forwards
-    mismatches: dict[str, list[int]] = {m: [] for m in methods if m != "plain"}
-    per_prompt = []
-    for index, ids in enumerate(tqdm(encoded, desc="bench", unit="prompt")):
-        order = list(methods) if index % 2 == 0 else list(reversed(methods))
-        outputs = {}
-        for method in order:
-            counter = _ForwardCounter(target) if method == "transformers_dflash" else None
-            if adapter is not None:
-                adapter.reset()
-            try:
-                out, seconds = _timed_generate(target, ids, **base, **per_method[method])
-            finally:
-                if counter is not None:
-                    counter.handle.remove()
-            outputs[method] = out
-            new = out.shape[1] - ids.shape[1]
-            totals[method]["tokens"] += new
-            totals[method]["seconds"] += seconds
-            if method == "dflash":
-                stats = drafter.last_stats
-                acceptance.extend(stats.acceptance_lengths)
-                dflash_step_s[0] += stats.draft_time_s
-                dflash_step_s[1] += stats.verify_time_s
-                dflash_step_s[2] += stats.num_verify_steps
-            if counter is not None:  # the prefill commits one token; every later forward verifies a block
-                transformers_steps[0] += new - 1
-                transformers_steps[1] += counter.count - 1
-        row = {"prompt": prompts[index], "new_tokens": int(outputs["plain"].shape[1] - ids.shape[1])}
-        for method in mismatches:
-            same = torch.equal(outputs[method], outputs["plain"])
-            row[f"{method}_lossless"] = same
-            if not same:
-                mismatches[method].append(index)
-        per_prompt.append(row)
-
-    plain_rate = totals["plain"]["tokens"] / totals["plain"]["seconds"]
-    results = {}
-    for method in methods:
-        rate = totals[method]["tokens"] / totals[method]["seconds"]
-        results[method] = {
-            "tokens_per_s": round(rate, 3),
-            "speedup": round(rate / plain_rate, 3),
-            "mean_acceptance_length": round(sum(acceptance) / len(acceptance), 3)
-            if method == "dflash" and acceptance
-            else None,
-        }
-    step_cost = None
-    if dflash_step_s[2] > 0:
-        # What one DFlash step costs next to one plain token: the acceptance length above which DFlash pays off.
-        plain_ms = 1000 * totals["plain"]["seconds"] / totals["plain"]["tokens"]
-        draft_ms, verify_ms = (1000 * dflash_step_s[i] / dflash_step_s[2] for i in (0, 1))
-        step_cost = {"plain_ms_per_token": round(plain_ms, 2), "draft_ms_per_step": round(draft_ms, 2),
-                     "verify_ms_per_step": round(verify_ms, 2),
-                     "break_even_acceptance_length": round((draft_ms + verify_ms) / plain_ms, 3)}
-        two_row_ms = two_row_forward_ms(target, encoded[0])
-        if two_row_ms is not None and acceptance:
-            tau = sum(acceptance) / len(acceptance)
-            step_cost["two_row_forward_ms"] = round(two_row_ms, 2)
-            step_cost["speedup_over_two_row_decode"] = round(tau * two_row_ms / (draft_ms + verify_ms), 3)
-    if "transformers_dflash" in results and transformers_steps[1] > 0:
-        results["transformers_dflash"]["mean_acceptance_length"] = round(transformers_steps[0] / transformers_steps[1], 3)
+        for run in runners.values():
+            run(encoded[0], **{**base, "max_new_tokens": 8})
+    runs = [_run_prompt(runners, ids, index, base)
+            for index, ids in enumerate(tqdm(encoded, desc="bench", unit="prompt"))]
     return {
         "command": " ".join(["dflash-hf", *sys.argv[1:]]) if Path(sys.argv[0]).name == "dflash-hf" else None,
         **_run_facts(target, drafter, max_new_tokens, len(prompts)),
+        **aggregate_runs(prompts, runs, methods, drafter.config.block_size,
+                         two_row_ms=lambda: two_row_forward_ms(target, encoded[0])),
+    }
+
+
+def _run_prompt(runners: dict[str, Callable[..., MethodRun]], ids: torch.Tensor, index: int,
+                generate_kwargs: dict) -> dict[str, MethodRun]:
+    """Every method on one prompt, in reverse order on every other prompt (drift then hits all methods alike)."""
+    order = list(runners) if index % 2 == 0 else list(reversed(runners))
+    return {method: runners[method](ids, **generate_kwargs) for method in order}
+
+
+def aggregate_runs(prompts: list[str], runs: list[dict[str, MethodRun]], methods: tuple[str, ...], block_size: int,
+                   two_row_ms: Callable[[], float | None] = lambda: None) -> dict:
+    """What ``run_bench`` reports (the machine aside) from its runs: one ``{method: MethodRun}`` per prompt.
+
+    ``two_row_ms`` measures the CPU control of the DFlash step cost; it is called only when there is one."""
+    by_method = {m: [prompt_runs[m] for prompt_runs in runs] for m in methods}
+    mismatches = {m: [i for i, (mine, plain) in enumerate(zip(by_method[m], by_method["plain"]))
+                      if not torch.equal(mine.output, plain.output)]
+                  for m in methods if m != "plain"}
+    dflash = by_method.get("dflash", [])
+    plain_rate = _tokens_per_s(by_method["plain"])
+    return {
         "lossless": not any(mismatches.values()),
         "mismatched_prompts": mismatches,
-        "methods": results,
-        "acceptance_histogram": dict(sorted(Counter(acceptance).items())),
-        "step_cost": step_cost,
-        "block_size": drafter.config.block_size,
-        "per_prompt": per_prompt,
+        "methods": {m: _method_row(by_method[m], plain_rate) for m in methods},
+        "acceptance_histogram": dict(sorted(Counter(n for run in dflash for n in run.acceptance_lengths).items())),
+        "step_cost": _step_cost(by_method["plain"], dflash, two_row_ms),
+        "block_size": block_size,
+        "per_prompt": [_prompt_row(prompt, prompt_runs, index, mismatches)
+                       for index, (prompt, prompt_runs) in enumerate(zip(prompts, runs))],
     }
+
+
+def _tokens_per_s(runs: list[MethodRun]) -> float:
+    return sum(r.new_tokens for r in runs) / sum(r.seconds for r in runs)
+
+
+def _mean_acceptance_length(runs: list[MethodRun]) -> float | None:
+    """Tokens committed per verifying forward; None for a method that verifies no drafts (or never did)."""
+    steps = sum(r.verify_steps for r in runs)
+    return sum(r.verified_tokens for r in runs) / steps if steps > 0 else None
+
+
+def _method_row(runs: list[MethodRun], plain_rate: float) -> dict:
+    rate = _tokens_per_s(runs)
+    tau = _mean_acceptance_length(runs)
+    return {"tokens_per_s": round(rate, 3), "speedup": round(rate / plain_rate, 3),
+            "mean_acceptance_length": round(tau, 3) if tau is not None else None}
+
+
+def _step_cost(plain: list[MethodRun], dflash: list[MethodRun], two_row_ms: Callable[[], float | None]) -> dict | None:
+    """What one DFlash step costs next to one plain token: the acceptance length above which DFlash pays off, and
+    on CPU the control against a decode that pays a 2-row forward per token."""
+    steps = sum(r.verify_steps for r in dflash)
+    if steps == 0:
+        return None
+    plain_ms = 1000 * sum(r.seconds for r in plain) / sum(r.new_tokens for r in plain)
+    draft_ms, verify_ms = (1000 * sum(seconds) / steps for seconds in ([r.draft_s for r in dflash],
+                                                                          [r.verify_s for r in dflash]))
+    cost = {"plain_ms_per_token": round(plain_ms, 2), "draft_ms_per_step": round(draft_ms, 2),
+            "verify_ms_per_step": round(verify_ms, 2),
+            "break_even_acceptance_length": round((draft_ms + verify_ms) / plain_ms, 3)}
+    control_ms = two_row_ms()
+    if control_ms is not None:
+        cost["two_row_forward_ms"] = round(control_ms, 2)
+        cost["speedup_over_two_row_decode"] = round(
+            _mean_acceptance_length(dflash) * control_ms / (draft_ms + verify_ms), 3)
+    return cost
+
+
+def _prompt_row(prompt: str, prompt_runs: dict[str, MethodRun], index: int, mismatches: dict[str, list[int]]) -> dict:
+    row = {"prompt": prompt, "new_tokens": prompt_runs["plain"].new_tokens}
+    row.update({f"{method}_lossless": index not in mismatched for method, mismatched in mismatches.items()})
+    return row
 
 
 def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int) -> dict:
@@ -415,10 +493,12 @@ def can_plot() -> bool:
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'method':<24}{'tokens/s':>10}{'speedup':>10}{'accept len':>12}"]
+    width = max(len(label) for label in METHOD_LABELS.values()) + 2
+    lines = [f"{'method':<{width}}{'tokens/s':>10}{'speedup':>10}{'accept len':>12}"]
     for method, row in results["methods"].items():
         tau = f"{row['mean_acceptance_length']:.2f}" if row["mean_acceptance_length"] is not None else "-"
-        lines.append(f"{METHOD_LABELS.get(method, method):<24}{row['tokens_per_s']:>10.2f}{row['speedup']:>9.2f}x{tau:>12}")
+        lines.append(f"{METHOD_LABELS.get(method, method):<{width}}{row['tokens_per_s']:>10.2f}{row['speedup']:>9.2f}x"
+                     f"{tau:>12}")
     cost = results.get("step_cost")
     if cost:
         lines.append(f"DFlash step: draft {cost['draft_ms_per_step']:.1f} ms + verify {cost['verify_ms_per_step']:.1f} ms; "
@@ -450,7 +530,7 @@ def plot_results(results: dict, path: str | Path) -> None:
     rates = [results["methods"][m]["tokens_per_s"] for m in names]
     palette = {"plain": "#999999", "dflash": "#dd8452", "transformers_dflash": "#c44e52", "prompt_lookup": "#55a868"}
     bars = right.bar([METHOD_LABELS.get(m, m) for m in names], rates, color=[palette.get(m, "#4c72b0") for m in names])
-    right.tick_params(axis="x", labelrotation=15)
+    plt.setp(right.get_xticklabels(), rotation=20, ha="right")
     for bar, m in zip(bars, names):
         right.annotate(f"{results['methods'][m]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                        ha="center", va="bottom")
@@ -478,7 +558,8 @@ def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[
 
 
 __all__ = [
-    "PLOT_EXTRA", "TransformersDFlashAdapter", "can_plot", "default_prompt_file", "format_batch_table", "format_table",
-    "load_prompt_file", "plot_batch_results", "plot_results", "run_batch_bench", "run_bench", "sampling_acceptance",
-    "transformers_has_dflash", "write_outputs",
+    "METHOD_LABELS", "MethodRun", "PLOT_EXTRA", "TransformersDFlashAdapter", "aggregate_runs", "can_plot",
+    "default_prompt_file", "format_batch_table", "format_table", "load_prompt_file", "plot_batch_results",
+    "plot_results", "run_batch_bench", "run_bench", "run_dflash", "run_plain", "run_prompt_lookup",
+    "run_transformers_dflash", "sampling_acceptance", "transformers_has_dflash", "write_outputs",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import json
 import math
@@ -404,159 +403,24 @@ def _wrote(json_path: Path, png_path: Path | None, png_name: str) -> str:
 # train
 # ----------------------------------------------------------------------------------------------------------------
 def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.openai_model and not args.openai_base_url:
-        parser.error("--openai-model names the model of an --openai-base-url server; give --openai-base-url too")
-    if args.gen_drafter and args.openai_base_url:
-        parser.error("--gen-drafter speeds up regeneration by the local target; with --openai-base-url the server "
-                     "writes the responses, so drop one of them")
-    if args.init_from and args.init_from_target:
-        parser.error("--init-from starts from a trained drafter and --init-from-target from the target's layers; "
-                     "choose one")
+    """The checks no argument type can make alone (options that exclude each other), as TrainSpec makes them."""
+    from .pipeline import TrainSpec
 
-
-def _new_drafter(args: argparse.Namespace, target: Any) -> Any:
-    from .modeling_dflash import DFlashDraftModel
-
-    return DFlashDraftModel.from_target(
-        target, num_hidden_layers=args.num_layers, block_size=args.block_size, num_taps=args.num_taps,
-        mask_token_id=args.mask_token_id, init_from_target=args.init_from_target,
-    )
-
-
-def _early_drafters(args: argparse.Namespace, target: Any) -> tuple[Any | None, Any | None]:
-    """Before stage 1, so that a drafter the target cannot take fails now and not after hours of data generation:
-    the --init-from and --gen-drafter drafters, loaded and checked against the target. A new drafter is built
-    once here as a check and dropped (fork_rng: the one built after stage 1 draws the weights it always drew)."""
-    import torch
-
-    with _reported():
-        gen_drafter = None
-        if args.gen_drafter:
-            gen_drafter = _load_drafter(args.gen_drafter, target, target.dtype, "--gen-drafter")
-        if args.init_from:
-            return _load_drafter(args.init_from, target, torch.float32, "--init-from").float(), gen_drafter
-        with torch.random.fork_rng(devices=[]):
-            _new_drafter(args, target)
-    return None, gen_drafter
+    try:
+        TrainSpec.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+    from .pipeline import TrainInputError, TrainSpec, run_pipeline
 
-    from .data import count_records, load_prompts, magpie_prompts, regenerate
-    from .prompt_sources import training_conversations
-    from .fileio import atomic_write_text, make_shareable
-    from .training import (
-        RECIPE_FILE,
-        WARM_START_RECIPE,
-        FeatureDataset,
-        TrainConfig,
-        extract_features,
-        summarize_run,
-        train_drafter,
-    )
-
-    out = Path(args.out)
-    with _reported():
-        target, tokenizer = _load_target(args.target)
-    warm_drafter, gen_drafter = _early_drafters(args, target)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "command.json", json.dumps({"command": "dflash-hf " + " ".join(args.argv)}))
-
-    # Stage 1: prompts (saved once, so a resumed run regenerates the same ones) and the target's responses.
-    @functools.cache
-    def writer() -> Any:
-        """The model that writes prompts and responses: the target, or its copy in --gen-dtype, made on first use
-        (a resumed run with nothing left to write never holds two copies)."""
-        if args.gen_dtype and getattr(torch, args.gen_dtype) != target.dtype:
-            return copy.deepcopy(target).to(getattr(torch, args.gen_dtype))
-        return target
-
-    prompt_file = out / "prompts.jsonl"
-    prompts = _read_prompt_file(prompt_file) if prompt_file.exists() else []
-    if len(prompts) < args.num_prompts:
-        # A new run, or a run grown with a larger --num-prompts: existing prompts (and their responses and
-        # features) are kept, only the missing ones are made.
-        if args.prompts in TRAINING_SOURCE_NAMES:
-            with _reported():
-                fresh = training_conversations(args.prompts, args.num_prompts, seed=args.seed,
-                                               max_turns=args.max_turns)
-        elif args.prompts:
-            with _reported():
-                fresh = load_prompts(args.prompts, limit=args.num_prompts)
-        else:
-            fresh = magpie_prompts(writer(), tokenizer, args.num_prompts - len(prompts), seed=args.seed + len(prompts))
-        known = {_prompt_key(p) for p in prompts}
-        prompts += [p for p in fresh if _prompt_key(p) not in known][: args.num_prompts - len(prompts)]
-        atomic_write_text(prompt_file, "".join(json.dumps(_prompt_line(p)) + "\n" for p in prompts))
-    timings = {}
-    started = time.perf_counter()
-    if count_records(out / "data") < len(prompts):
-        if gen_drafter is not None:  # regenerate with batched DFlash: same responses, fewer target forwards
-            gen_drafter = gen_drafter.to(writer().dtype)
-        regenerate(target if args.openai_base_url else writer(), tokenizer, prompts, out / "data",
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.gen_batch_size,
-                   openai_base_url=args.openai_base_url, openai_model=args.openai_model, assistant_model=gen_drafter)
-    writer.cache_clear()  # drop a --gen-dtype copy before feature extraction and training
-    del gen_drafter
-    # Stage 2: the drafter's shape decides which layers to tap; features are cached for those.
-    if warm_drafter is not None:  # warm start: continue from a trained drafter (its shape and taps win)
-        drafter = warm_drafter
-        earlier = Path(args.init_from) / RECIPE_FILE
-        if earlier.is_file():
-            atomic_write_text(out / WARM_START_RECIPE, earlier.read_text(encoding="utf-8"))
-    else:
-        drafter = _new_drafter(args, target).float()
-    timings["data"] = time.perf_counter() - started
-    started = time.perf_counter()
-    extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
-    timings["features"] = time.perf_counter() - started
-    if args.steps == 0:  # data and features only; a later invocation with --steps trains on them
-        _add_timings(out, timings)
-        print(f"data and features ready in {out} (--steps 0: no training)")
-        return 0
-    # Stage 3: training (resumes from the newest checkpoint unless --no-resume).
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, num_anchors=args.num_anchors, lr=args.lr,
-                         seed=args.seed, save_every=args.save_every, mixed_precision=args.mixed_precision)
-    started = time.perf_counter()
-    train_drafter(drafter, target, FeatureDataset(out / "features"), out / "checkpoints", config,
-                  resume=not args.no_resume)
-    timings["training"] = time.perf_counter() - started
-    drafter.config.name_or_path = f"{Path(args.out).name}"
-    drafter.save_pretrained(out / "drafter")
-    make_shareable(out / "drafter")  # safetensors writes model.safetensors 0600
-    _add_timings(out, timings)
-    atomic_write_text(out / "training.json", json.dumps(summarize_run(out), indent=2, ensure_ascii=False) + "\n")
-    print(f"drafter saved to {out / 'drafter'}; recipe in {out / 'training.json'} (dflash-hf export --training-json)")
+    spec = TrainSpec.from_args(args, command_line="dflash-hf " + " ".join(args.argv))
+    try:
+        run_pipeline(spec)
+    except TrainInputError as err:
+        raise CommandError(str(err)) from err
     return 0
-
-
-def _read_prompt_file(path: Path) -> list[str | dict]:
-    """A run's prompts.jsonl: a conversation where the line carries turns, else the prompt string."""
-    from .data import read_jsonl
-
-    return [{"id": r.get("id"), "turns": r["turns"]} if "turns" in r else r["prompt"] for r in read_jsonl(path)]
-
-
-def _prompt_line(prompt: str | dict) -> dict:
-    if isinstance(prompt, str):
-        return {"prompt": prompt}
-    return {"prompt": prompt["turns"][0], "id": prompt.get("id"), "turns": prompt["turns"]}
-
-
-def _prompt_key(prompt: str | dict) -> str:
-    """What makes two prompts the same one: a conversation's id, a prompt's text."""
-    return prompt if isinstance(prompt, str) else f"id:{prompt.get('id')}"
-
-
-def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
-    """Wall time per stage, summed over every invocation of a run folder (a resumed run adds what it redid)."""
-    from .fileio import atomic_write_text
-
-    path = run_dir / "timings.json"
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    totals = {**earlier, **{stage: earlier.get(stage, 0.0) + seconds for stage, seconds in timings.items()}}
-    atomic_write_text(path, json.dumps(totals))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -638,12 +502,27 @@ def _add_bench(sub: Any) -> None:
     bench.set_defaults(func=cmd_bench, check=functools.partial(_check_bench_args, bench))
 
 
+TRAIN_DESCRIPTION = ("Train a DFlash drafter on the target's own answers, in three resumable stages: prompts and "
+                     "responses, tapped features, training. Every option is checked before the first stage.")
+
+
 def _add_train(sub: Any) -> None:
     train = sub.add_parser("train", help="regenerate data with the target, cache features, train a drafter",
-                           description="Train a DFlash drafter on the target's own answers, in three resumable "
-                                       "stages: prompts and responses, tapped features, training. Every option is "
-                                       "checked before the first stage.",
-                           formatter_class=HelpFormatter)
+                           description=TRAIN_DESCRIPTION, formatter_class=HelpFormatter)
+    add_train_options(train)
+    train.set_defaults(func=cmd_train, check=functools.partial(_check_train_args, train))
+
+
+def train_parser(prog: str = "dflash-hf train") -> argparse.ArgumentParser:
+    """The options of ``dflash-hf train`` alone: for scripts that build a ``pipeline.TrainSpec`` from their
+    command line, and for the spec's own checks (one argument type per option, shared with the command)."""
+    parser = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTION, formatter_class=HelpFormatter)
+    add_train_options(parser)
+    return parser
+
+
+def add_train_options(train: argparse.ArgumentParser) -> None:
+    """Every train option; each dest is a field of ``pipeline.TrainSpec`` with the same default."""
     data = train.add_argument_group("data (stage 1)")
     data.add_argument("--target", metavar="ID_OR_DIR", type=model_source,
                       help="transformers model id or folder (default: the offline SmolLM2-135M-Instruct)")
@@ -696,7 +575,6 @@ def _add_train(sub: Any) -> None:
                      help="autocast the training forward (bf16: much faster on GPUs and CPUs with AVX512-BF16)")
     fit.add_argument("--seed", metavar="N", type=int, default=0, help="seed of prompts, responses and training")
     fit.add_argument("--no-resume", action="store_true", help="train from the start, ignoring saved checkpoints")
-    train.set_defaults(func=cmd_train, check=functools.partial(_check_train_args, train))
 
 
 def _version() -> str:

@@ -29,12 +29,6 @@ BENCH_KEYS = (
     "transformers_version", "torch_version", "lossless", "methods",
 )
 METHOD_ORDER = ("plain", "dflash", "prompt_lookup", "transformers_dflash")
-METHOD_LABELS = {
-    "plain": "plain `generate` (no drafter)",
-    "dflash": "DFlash (dflash-hf decode loop)",
-    "prompt_lookup": "prompt lookup decoding",
-    "transformers_dflash": "DFlash in transformers' assisted loop",
-}
 
 
 class HubPublishError(RuntimeError):
@@ -615,6 +609,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _bench_view(bench: dict) -> dict:
+    from .bench import METHOD_LABELS  # not at the top: the CLI's parser imports this module, and bench loads torch
+
     methods = bench["methods"]
     order = [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
     rows = [

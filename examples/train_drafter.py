@@ -1,15 +1,34 @@
-"""Train a DFlash drafter for a target from the target's own outputs: `dflash-hf train` as a script.
+"""Train a DFlash drafter for a target from the target's own outputs, with the training library.
 
+Takes every option of `dflash-hf train` (python examples/train_drafter.py --help) and runs the same pipeline.
 Small CPU example (the default offline target, a few prompts, a few steps):
     python examples/train_drafter.py --out runs/demo --num-prompts 8 --max-new-tokens 32 --steps 20
 For a real target on GPUs (several processes): accelerate launch examples/train_drafter.py --target Qwen/Qwen3-8B ...
+
+In your own code, the spec is a dataclass:
+    from dflash_hf.pipeline import TrainSpec, run_pipeline
+    drafter_dir = run_pipeline(TrainSpec(out="runs/demo", num_prompts=8, max_new_tokens=32, steps=20))
 """
 
 from __future__ import annotations
 
-import sys
+from dflash_hf.cli import train_parser
+from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline
 
-from dflash_hf.cli import main
+
+def main() -> int:
+    parser = train_parser(prog="train_drafter.py")
+    args = parser.parse_args()
+    try:
+        spec = TrainSpec.from_args(args)  # checks the options that exclude each other
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        run_pipeline(spec)
+    except TrainInputError as err:  # e.g. a drafter the target cannot take: found before anything is written
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
+
 
 if __name__ == "__main__":
-    raise SystemExit(main(["train", *sys.argv[1:]]))
+    raise SystemExit(main())

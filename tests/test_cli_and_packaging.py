@@ -229,12 +229,13 @@ def test_train_options_the_target_cannot_take_fail_before_stage_1(case, tiny_tar
 
 def test_the_early_drafter_check_leaves_the_random_state_alone():
     """The drafter built after stage 1 draws the initial weights it drew before the check existed."""
+    from dflash_hf.pipeline import TrainSpec, early_drafters
+
     target = make_target("llama")
-    args = argparse.Namespace(gen_drafter=None, init_from=None, num_layers=1, block_size=8, num_taps=1,
-                              mask_token_id=None, init_from_target=False)
+    spec = TrainSpec(out="unused", num_layers=1, block_size=8, num_taps=1)
     torch.manual_seed(123)
     expected = torch.random.get_rng_state()
-    assert cli._early_drafters(args, target) == (None, None)
+    assert early_drafters(spec, target) == (None, None)
     assert torch.equal(torch.random.get_rng_state(), expected)
 
 

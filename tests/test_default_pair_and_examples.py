@@ -138,17 +138,17 @@ def test_cli_bench_with_a_bfloat16_drafter_reports_step_costs(tmp_path, capsys):
 
 
 def test_gen_dtype_copy_is_made_only_when_there_is_something_to_write(tmp_path, monkeypatch):
-    import dflash_hf.cli as cli
+    import dflash_hf.pipeline as pipeline
 
     copies = []  # models deep-copied (copy.deepcopy is used for configs too, which do not count)
-    real_deepcopy = cli.copy.deepcopy
+    real_deepcopy = pipeline.copy.deepcopy
 
     def counting_deepcopy(obj, *rest):
         if isinstance(obj, torch.nn.Module):
             copies.append(type(obj).__name__)
         return real_deepcopy(obj, *rest)
 
-    monkeypatch.setattr(cli.copy, "deepcopy", counting_deepcopy)
+    monkeypatch.setattr(pipeline.copy, "deepcopy", counting_deepcopy)
     args = ["train", "--out", str(tmp_path / "run"), "--num-prompts", "2", "--max-new-tokens", "8", "--steps", "0",
             "--num-layers", "1", "--gen-batch-size", "2", "--gen-dtype", "bfloat16"]
     assert cli_main(args) == 0
