@@ -625,8 +625,31 @@ def _bench_view(bench: dict) -> dict:
     ]
     command = bench["command"] or "# not recorded: the benchmark was not run through the `dflash-hf bench` command"
     view = {key: bench[key] for key in BENCH_KEYS}
-    view.update(rows=rows, command=command, lossless=bool(bench["lossless"]), step_cost=_step_cost_view(bench))
+    view.update(rows=rows, command=command, lossless=bool(bench["lossless"]), step_cost=_step_cost_view(bench),
+                suites=_suites_view(bench), cpu_model=_cpu_line(bench))
     return view
+
+
+def _suites_view(bench: dict) -> list[dict]:
+    """The per-suite rows of ``dflash-hf bench --suite`` (``bench_suites.json``'s ``suites``), when the bench has them."""
+    rows = bench.get("suites")
+    if not isinstance(rows, list):
+        return []
+    return [
+        {"suite": row["suite"], "prompts": row["prompts"],
+         "mean_acceptance_length": f"{row['mean_acceptance_length']:.2f}", "speedup": f"{row['speedup']:.2f}×",
+         "lossless": f"{row['lossless_prompts']}/{row['prompts']}"}
+        for row in rows
+        if isinstance(row, dict) and _is_number(row.get("mean_acceptance_length")) and _is_number(row.get("speedup"))
+    ]
+
+
+def _cpu_line(bench: dict) -> str | None:
+    info = bench.get("cpu_info")
+    if not isinstance(info, dict) or not info.get("cpu_model"):
+        return None
+    return (f"{info['cpu_model']} (family {info.get('cpu_family')}, model {info.get('cpu_model_number')}, "
+            f"AVX512-BF16 {'yes' if info.get('avx512_bf16') else 'no'}), {bench.get('threads')} threads")
 
 
 def _step_cost_view(bench: dict) -> dict | None:
