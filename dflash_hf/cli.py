@@ -1,4 +1,4 @@
-"""The dflash-hf command: demo, generate, bench, train, export, publish.
+"""The dflash-hf command: demo, generate, bench, train, export-target, export, publish.
 
 Arguments are checked when they are parsed, before any model loads; torch and transformers are imported inside
 the commands, so that ``dflash-hf --help`` answers at once.
@@ -413,12 +413,13 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .data import OpenAIServerError
     from .pipeline import TrainInputError, TrainSpec, run_pipeline
 
     spec = TrainSpec.from_args(args, command_line="dflash-hf " + " ".join(args.argv))
     try:
         run_pipeline(spec)
-    except TrainInputError as err:
+    except (TrainInputError, OpenAIServerError) as err:
         raise CommandError(str(err)) from err
     return 0
 
@@ -549,9 +550,12 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
     data.add_argument("--gen-drafter", metavar="ID_OR_DIR", type=model_source,
                       help="a DFlash drafter of the target: regenerate responses with batched DFlash")
     data.add_argument("--openai-base-url", metavar="URL",
-                      help="regenerate through an OpenAI-compatible server (vLLM, SGLang) instead")
+                      help="regenerate through an OpenAI-compatible server instead (vllm serve TARGET): prompts "
+                           "go to its /v1/completions as token ids and the target's own answer ids are kept")
     data.add_argument("--openai-model", metavar="NAME",
-                      help="model name to request from --openai-base-url (default: 'default')")
+                      help="model name to request from --openai-base-url (default: the first the server lists)")
+    data.add_argument("--openai-concurrency", metavar="N", type=int_in_range(1), default=16,
+                      help="requests kept in flight to --openai-base-url (the server batches them)")
     shape = train.add_argument_group("drafter (stage 2)")
     shape.add_argument("--num-layers", metavar="N", type=int_in_range(1), default=2, help="drafter decoder layers")
     shape.add_argument("--block-size", metavar="B", type=int_in_range(2, MAX_BLOCK_SIZE), default=8,
@@ -588,6 +592,25 @@ def _version() -> str:
         return __version__
 
 
+def _add_export_target(sub: Any) -> None:
+    export = sub.add_parser("export-target", help="write the offline default target as a plain safetensors folder",
+                            description="Copy the default target (SmolLM2-135M-Instruct, converted from its GGUF "
+                                        "file) to OUT as a transformers folder that vLLM and SGLang serve: "
+                                        "vllm serve OUT.", formatter_class=HelpFormatter)
+    export.add_argument("out", metavar="OUT", type=output_folder, help="folder to write (must not exist or be empty)")
+    export.set_defaults(func=cmd_export_target)
+
+
+def cmd_export_target(args: argparse.Namespace) -> int:
+    from .default_pair import export_default_target
+
+    with _reported():
+        out = export_default_target(args.out)
+    print(f"wrote the default target to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    print(f"serve it: vllm serve {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflash-hf", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -596,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_train(sub)
+    _add_export_target(sub)
     from .hub import add_cli
 
     add_cli(sub, formatter_class=HelpFormatter)

@@ -86,6 +86,7 @@ class TrainSpec:
     gen_drafter: str | None = None
     openai_base_url: str | None = None
     openai_model: str | None = None
+    openai_concurrency: int = 16
     # drafter (stage 2)
     num_layers: int = 2
     block_size: int = 8
@@ -287,7 +288,8 @@ def regenerate_stage(spec: TrainSpec, target: Any, writer: Callable[[], Any], to
         gen_drafter = gen_drafter.to(writer().dtype)
     regenerate(target if spec.openai_base_url else writer(), tokenizer, prompts, Path(spec.out) / "data",
                max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, batch_size=spec.gen_batch_size,
-               openai_base_url=spec.openai_base_url, openai_model=spec.openai_model, assistant_model=gen_drafter)
+               openai_base_url=spec.openai_base_url, openai_model=spec.openai_model, assistant_model=gen_drafter,
+               openai_concurrency=spec.openai_concurrency)
 
 
 def _read_prompt_file(path: Path) -> list[Prompt]:
