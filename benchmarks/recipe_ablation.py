@@ -31,7 +31,7 @@ import torch
 
 from dflash_hf import DFlashDraftModel
 from dflash_hf.bench import can_plot
-from dflash_hf.data import chat_prompt_ids, load_records
+from dflash_hf.data import chat_prompt_ids, load_records, response_spans
 from dflash_hf.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import cpu_facts
@@ -124,7 +124,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "sequences_per_step": args.batch_size,
         "train_minutes": round(train_minutes, 1),
         "data": f"{len(records)} ShareGPT conversations, "
-                f"{sum(e - s for r in records for s, e in _spans(r))} response tokens",
+                f"{sum(e - s for r in records for s, e in response_spans(r))} response tokens",
         **validation_acceptance(target, tokenizer, drafter.eval(), prompts, args.max_new_tokens),
         "validation_prompts": len(prompts),
         "cpu": {key: cpu_facts()[key] for key in ("cpu_model", "cpu_family", "cpu_model_number", "avx512_bf16")},
@@ -132,12 +132,6 @@ def run_variant(args: argparse.Namespace) -> dict:
     if drafter.config.draft_vocab is not None:
         row["draft_vocab_coverage"] = round(vocabulary_coverage(records, drafter.config.draft_vocab), 4)
     return row
-
-
-def _spans(record: dict) -> list[list[int]]:
-    from dflash_hf.data import response_spans
-
-    return response_spans(record)
 
 
 def save_row(run: Path, row: dict) -> list[dict]:
