@@ -303,7 +303,8 @@ def test_lower_precision_drafter_is_lossless_and_casts_the_head_once():
     prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
     plain = target.generate(prompt, max_new_tokens=20, do_sample=False)
     assert torch.equal(target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=drafter), plain)
-    key, head = drafter._draft_head_cache
+    key, head, vocab = drafter._draft_head_cache
+    assert vocab is None  # the whole vocabulary: this drafter has no draft_vocab
     assert head.weight.dtype == torch.bfloat16 and "_draft_head_cache" not in drafter.state_dict()
     torch.testing.assert_close(head.weight.double(), target.lm_head.weight, rtol=1e-2, atol=1e-2)
     target.generate(prompt, max_new_tokens=5, do_sample=False, assistant_model=drafter)
