@@ -35,6 +35,7 @@ from dflash_hf.data import chat_prompt_ids, load_records, response_spans
 from dflash_hf.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import cpu_facts
+from dflash_hf.pipeline import target_eos_ids
 from dflash_hf.prompt_sources import bench_sample
 from dflash_hf.training import (
     FeatureDataset,
@@ -79,9 +80,7 @@ def build_drafter(args: argparse.Namespace, target, records: list[dict], switche
     if "block_size" in switches:  # the weights do not depend on the block size: only the masks and positions do
         drafter.config.block_size = switches["block_size"]
     if "draft_vocab_size" in switches:
-        eos = target.generation_config.eos_token_id
-        always = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
-        drafter.config.draft_vocab = draft_vocabulary(records, switches["draft_vocab_size"], always)
+        drafter.config.draft_vocab = draft_vocabulary(records, switches["draft_vocab_size"], target_eos_ids(target))
     return drafter
 
 

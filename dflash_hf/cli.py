@@ -142,6 +142,14 @@ def _installed_source(name: str) -> str:
     return name
 
 
+def float_in_unit(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float_above(0, inclusive=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 def output_folder(text: str) -> str:
     """An argparse type: a folder to write into (made if missing), not an existing file."""
     if Path(text).expanduser().is_file():
@@ -568,6 +576,9 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
                        help="copy evenly spaced target layers into the drafter layers (trains faster)")
     shape.add_argument("--init-from", metavar="ID_OR_DIR", type=model_source,
                        help="start from this trained drafter (folder or id) instead of a new one; its shape wins")
+    shape.add_argument("--draft-vocab-size", metavar="N", type=int_in_range(1),
+                       help="draft only the N response tokens the target writes most (a smaller, faster head; "
+                            "the output never changes)")
     fit = train.add_argument_group("training (stage 3)")
     fit.add_argument("--steps", metavar="N", type=int_in_range(0), default=1500,
                      help="optimizer steps; 0 prepares data and features only")
@@ -575,10 +586,87 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
     fit.add_argument("--num-anchors", metavar="N", type=int_in_range(1), default=16, help="blocks drawn per sequence")
     fit.add_argument("--lr", metavar="LR", type=float_above(0), default=6e-4, help="peak learning rate")
     fit.add_argument("--save-every", metavar="N", type=int_in_range(1), default=200, help="steps between checkpoints")
+    fit.add_argument("--distill", metavar="W", type=float_in_unit, default=0.0,
+                     help="weight of distillation on the target's top-16 distribution (taken with the features); "
+                          "1 - W weighs cross-entropy on its tokens")
     fit.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                      help="autocast the training forward (bf16: much faster on GPUs and CPUs with AVX512-BF16)")
     fit.add_argument("--seed", metavar="N", type=int, default=0, help="seed of prompts, responses and training")
     fit.add_argument("--no-resume", action="store_true", help="train from the start, ignoring saved checkpoints")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    value = float_above(0, inclusive=True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not below 1; give a fraction such as 0.1")
+    return value
+
+
+ADAPT_DESCRIPTION = ("Fine-tune a drafter on traffic recorded with dflash_hf.record_traffic (or imported logs), "
+                     "with a replay share of its original data, and measure acceptance before and after, online, on "
+                     "the newest held-out traffic and on the general bench suites. The adapted drafter is kept "
+                     "(OUT/drafter) only if it stays lossless and its general acceptance falls by at most "
+                     "--tolerance. Resumable: rerun the same command.")
+
+
+def _add_adapt(sub: Any) -> None:
+    from .suites import SUITES
+
+    adapt = sub.add_parser("adapt", help="adapt a drafter to recorded traffic; acceptance before and after",
+                           description=ADAPT_DESCRIPTION, formatter_class=HelpFormatter)
+    adapt.add_argument("--traffic", metavar="DIR", required=True, help="traffic folder (traffic-*.jsonl shards)")
+    adapt.add_argument("--drafter", metavar="DIR", required=True, type=model_source, help="the drafter to adapt")
+    adapt.add_argument("--out", metavar="DIR", required=True, type=output_folder, help="run folder")
+    adapt.add_argument("--target", metavar="ID_OR_DIR", type=model_source,
+                       help="the target the traffic was served by (default: the offline SmolLM2-135M-Instruct)")
+    adapt.add_argument("--heldout-fraction", metavar="F", type=fraction, default=0.1,
+                       help="the newest share of the traffic, held out for evaluation")
+    adapt.add_argument("--replay-data", metavar="DIR",
+                       help="the drafter's original training data: a dflash-hf train run folder or its data/")
+    adapt.add_argument("--replay-fraction", metavar="F", type=fraction, default=0.3,
+                       help="share of the training mix drawn from --replay-data (0 without it)")
+    adapt.add_argument("--steps", metavar="N", type=int_in_range(1), default=300, help="fine-tuning steps")
+    adapt.add_argument("--batch-size", metavar="N", type=int_in_range(1), default=4, help="sequences per step")
+    adapt.add_argument("--num-anchors", metavar="N", type=int_in_range(1), default=16, help="blocks per sequence")
+    adapt.add_argument("--lr", metavar="LR", type=float_above(0), default=2e-4, help="peak learning rate")
+    adapt.add_argument("--distill", metavar="W", type=float_in_unit, default=0.0,
+                       help="weight of distillation on the target's top-16 distribution (extracted with the features)")
+    adapt.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast the training forward")
+    adapt.add_argument("--save-every", metavar="N", type=int_in_range(1), default=100, help="steps between checkpoints")
+    adapt.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the replay draw, training, sampling")
+    adapt.add_argument("--eval-suites", metavar="NAME", nargs="+", choices=SUITES, default=["bench-prompts"],
+                       help="general suites measured before and after")
+    adapt.add_argument("--eval-prompts", metavar="N", type=int_in_range(1), default=12, help="prompts per suite")
+    adapt.add_argument("--eval-heldout", metavar="N", type=int_in_range(1),
+                       help="held-out requests replayed (default: all)")
+    adapt.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=128, help="per suite prompt")
+    adapt.add_argument("--tolerance", metavar="F", type=float_above(0, inclusive=True), default=0.03,
+                       help="largest relative fall of general acceptance that is accepted")
+    adapt.set_defaults(func=cmd_adapt)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import AdaptInputError, AdaptRejected, AdaptSpec, run_adapt
+
+    with _reported():
+        spec = AdaptSpec(
+            traffic=args.traffic, drafter=args.drafter, out=args.out, target=args.target,
+            heldout_fraction=args.heldout_fraction, replay_data=args.replay_data,
+            replay_fraction=args.replay_fraction if args.replay_data else 0.0, steps=args.steps,
+            batch_size=args.batch_size, num_anchors=args.num_anchors, lr=args.lr, distill=args.distill,
+            mixed_precision=args.mixed_precision, save_every=args.save_every, seed=args.seed,
+            eval_suites=tuple(args.eval_suites), eval_prompts=args.eval_prompts, eval_heldout=args.eval_heldout,
+            max_new_tokens=args.max_new_tokens, tolerance=args.tolerance,
+            command_line="dflash-hf " + " ".join(args.argv),
+        )
+    try:
+        run_adapt(spec)
+    except AdaptInputError as err:
+        raise CommandError(str(err)) from err
+    except AdaptRejected as err:
+        raise CommandError(f"the adapted drafter was not kept: {err}") from err
+    return 0
 
 
 def _version() -> str:
@@ -619,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_train(sub)
+    _add_adapt(sub)
     _add_export_target(sub)
     from .hub import add_cli
 

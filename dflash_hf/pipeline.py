@@ -31,15 +31,17 @@ from typing import Any
 import torch
 
 from .cli import TRAINING_SOURCE_NAMES, _load_drafter, _load_target, train_parser
-from .data import count_records, load_prompts, magpie_prompts, read_jsonl, regenerate
+from .data import count_records, load_prompts, load_records, magpie_prompts, read_jsonl, regenerate
 from .fileio import atomic_write_text, make_shareable
 from .modeling_dflash import DFlashDraftModel
 from .prompt_sources import training_conversations
 from .training import (
     RECIPE_FILE,
+    TEACHER_TOPK,
     WARM_START_RECIPE,
     FeatureDataset,
     TrainConfig,
+    draft_vocabulary,
     extract_features,
     summarize_run,
     train_drafter,
@@ -94,12 +96,14 @@ class TrainSpec:
     mask_token_id: int | None = None
     init_from_target: bool = False
     init_from: str | None = None
+    draft_vocab_size: int | None = None
     # training (stage 3)
     steps: int = 1500
     batch_size: int = 4
     num_anchors: int = 16
     lr: float = 6e-4
     save_every: int = 200
+    distill: float = 0.0
     mixed_precision: str = "no"
     seed: int = 0
     no_resume: bool = False
@@ -312,18 +316,28 @@ def _prompt_key(prompt: Prompt) -> str:
 def drafter_stage(spec: TrainSpec, target: Any, warm_drafter: Any | None) -> Any:
     """The drafter to train, whose shape decides which target layers are tapped: a new one, or the init_from drafter
     (its shape and taps win; its recipe, when it carries one, is kept as warm_start_training.json)."""
-    if warm_drafter is None:
-        return new_drafter(spec, target).float()
-    earlier = Path(spec.init_from) / RECIPE_FILE
-    if earlier.is_file():
-        atomic_write_text(Path(spec.out) / WARM_START_RECIPE, earlier.read_text(encoding="utf-8"))
-    return warm_drafter
+    drafter = new_drafter(spec, target).float() if warm_drafter is None else warm_drafter
+    if warm_drafter is not None:
+        earlier = Path(spec.init_from) / RECIPE_FILE
+        if earlier.is_file():
+            atomic_write_text(Path(spec.out) / WARM_START_RECIPE, earlier.read_text(encoding="utf-8"))
+    if spec.draft_vocab_size is not None:
+        drafter.config.draft_vocab = draft_vocabulary(load_records(Path(spec.out) / "data"), spec.draft_vocab_size,
+                                                      target_eos_ids(target))
+    return drafter
+
+
+def target_eos_ids(target: Any) -> tuple[int, ...]:
+    """The target's end-of-sequence ids: always in a draft vocabulary, so that drafts can end an answer."""
+    eos = target.generation_config.eos_token_id
+    return tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
 
 
 def feature_stage(spec: TrainSpec, target: Any, drafter: Any) -> None:
     """The drafter's tapped target layers, cached for every sequence of ``data/`` in ``features/``."""
     out = Path(spec.out)
-    extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids)
+    extract_features(target, out / "data", out / "features", drafter.config.target_layer_ids,
+                     teacher_top_k=TEACHER_TOPK if spec.distill > 0 else 0)
 
 
 # Stage 3 --------------------------------------------------------------------------------------------------------
@@ -335,7 +349,7 @@ def train_stage(spec: TrainSpec, target: Any, drafter: Any) -> None:
 
 
 # The spec fields the trainer reads, named as in TrainConfig (its other fields keep their defaults).
-TRAIN_CONFIG_FIELDS = ("steps", "batch_size", "num_anchors", "lr", "seed", "save_every", "mixed_precision")
+TRAIN_CONFIG_FIELDS = ("steps", "batch_size", "num_anchors", "lr", "seed", "save_every", "mixed_precision", "distill")
 
 
 def train_config(spec: TrainSpec) -> TrainConfig:
@@ -365,5 +379,6 @@ def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
 
 __all__ = [
     "TRAIN_CONFIG_FIELDS", "TrainInputError", "TrainSpec", "drafter_stage", "early_drafters", "feature_stage",
-    "new_drafter", "prepare_prompts", "regenerate_stage", "run_pipeline", "train_config", "train_stage",
+    "new_drafter", "prepare_prompts", "regenerate_stage", "run_pipeline", "target_eos_ids", "train_config",
+    "train_stage",
 ]

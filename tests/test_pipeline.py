@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import dflash_hf.cli as cli
+from dflash_hf.data import load_records
 from dflash_hf.default_pair import converted_target_dir
-from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline, train_config
+from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline, target_eos_ids, train_config
+from dflash_hf.training import draft_vocabulary
 
 
 def _options() -> dict:
@@ -184,3 +186,40 @@ def test_a_drafter_the_target_cannot_take_fails_before_anything_is_written(tiny_
     with pytest.raises(TrainInputError, match="the target has only 4 decoder layers"):
         run_pipeline(spec)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_recipe_switches_reach_the_run(tiny_target, tmp_path):
+    """--distill extracts the target's distribution with the features and trains on it; --draft-vocab-size cuts the
+    drafter's head to the response tokens the target wrote most (with its end tokens: this target has none)."""
+    run = tmp_path / "run"
+    assert cli.main(_train_argv(tiny_target, run, "--distill", "0.5", "--draft-vocab-size", "5")) == 0
+    teacher = load_file(run / "features" / "teacher-00000.safetensors")
+    assert teacher["topk_ids_0"].shape[-1] == 16
+    config = json.loads((run / "drafter" / "config.json").read_text())
+    records = load_records(run / "data")
+    assert config["draft_vocab"] == draft_vocabulary(records, 5) and len(config["draft_vocab"]) == 5
+    progress = json.loads((run / "checkpoints" / "checkpoint-2" / "progress.json").read_text())
+    assert progress["config"]["distill"] == 0.5
+    recipe = json.loads((run / "training.json").read_text())
+    assert recipe["distillation weight (against the target's top-16 distribution)"] == 0.5
+    assert recipe["draft vocabulary (response tokens the target writes most)"] == len(config["draft_vocab"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--distill", "1.5"], "must be from 0 to 1, got 1.5"),
+    (["--draft-vocab-size", "0"], "must be at least 1, got 0"),
+])
+def test_bad_recipe_switches_are_refused(tiny_target, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cli.main(_train_argv(tiny_target, tmp_path / "run", *argv))
+    assert message in capsys.readouterr().err
+
+
+def test_a_draft_vocabulary_keeps_the_target_s_end_tokens():
+    target = LlamaForCausalLM(LlamaConfig(head_dim=8, **COMMON))
+    target.generation_config.eos_token_id = [7, 9]
+    assert target_eos_ids(target) == (7, 9)
+    target.generation_config.eos_token_id = 4
+    assert target_eos_ids(target) == (4,)
+    records = [{"input_ids": [1, 2, 3, 3, 3], "prompt_len": 2}]
+    assert draft_vocabulary(records, 1, target_eos_ids(target)) == [3, 4]

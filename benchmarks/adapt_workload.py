@@ -1,0 +1,110 @@
+"""A simulated deployment for `dflash-hf adapt`: a code-assistant stream served through the traffic recorder.
+
+The stream is ShareGPT conversations about code (first human turn matched by CODE_PATTERN) from the TRAIN split,
+past the first ``--skip`` conversations of the seeded order `dflash-hf train --prompts sharegpt` draws from (so
+none of them trained the shipped drafter, which used the first 704). Each conversation is served as a chat app
+would: turn by turn, up to ``--max-turns`` human turns, every later turn sent with the target's own earlier
+answers, greedy, ``--max-new-tokens`` per answer, through ``generate(assistant_model=drafter)`` inside
+``record_traffic``. Serving stops when ``--budget-min`` minutes of serving have passed (summed over resumed runs)
+or the stream ends; a rerun resumes after the last conversation served (``served.json`` in the run folder).
+
+    python benchmarks/adapt_workload.py serve --run /work/runs/code --budget-min 30
+    dflash-hf adapt --traffic /work/runs/code/traffic --drafter hub_upload/SmolLM2-135M-Instruct-DFlash \\
+        --replay-data /work/runs/sg --out /work/runs/code/adapted
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dflash_hf
+from dflash_hf.data import chat_ids
+from dflash_hf.fileio import atomic_write_text
+from dflash_hf.machine import cpu_facts
+from dflash_hf.prompt_sources import load_named, split_of
+from dflash_hf.traffic import record_traffic
+
+CODE_PATTERN = re.compile(
+    r"```|\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|html|css|react|node\.?js|django|flask|"
+    r"pandas|numpy|regex|bash|shell script|api|function|compile|debug|code|script|programming)\b",
+    re.IGNORECASE,
+)
+
+
+def code_stream(skip: int, seed: int = 0, max_turns: int = 2) -> list[dict]:
+    """Code conversations of the ShareGPT train split in `training_conversations`' order, past its first ``skip``."""
+    source = load_named("sharegpt")
+    train = sorted((c for c in source.conversations if split_of(c["id"]) == "train"), key=lambda c: c["id"])
+    random.Random(seed).shuffle(train)
+    return [{"id": c["id"], "turns": c["turns"][:max_turns]} for c in train[skip:] if CODE_PATTERN.search(c["turns"][0])]
+
+
+def serve(args: argparse.Namespace) -> None:
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    state_path = run / "served.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"served": 0, "seconds": 0.0, "calls": 0,
+                                                                            "new_tokens": 0}
+    stream = code_stream(args.skip, max_turns=args.max_turns)
+    target, tokenizer, drafter = dflash_hf.load_default_pair()
+    print(f"{len(stream)} code conversations in the stream; {state['served']} served in {state['seconds'] / 60:.1f} "
+          f"min before this run; CPU: {cpu_facts()['cpu_model']}")
+    budget = args.budget_min * 60
+    bar = tqdm(total=round(budget), initial=round(state["seconds"]), unit="s", desc="serving (budget)")
+    with record_traffic(drafter, run / "traffic") as recorder:
+        for conversation in stream[state["served"]:]:
+            if state["seconds"] >= budget:
+                break
+            started = time.perf_counter()
+            messages: list[dict] = []
+            for turn in conversation["turns"]:
+                messages.append({"role": "user", "content": turn})
+                ids = torch.tensor([chat_ids(tokenizer, messages)])
+                if ids.shape[1] + args.max_new_tokens > args.max_context:
+                    break
+                out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                      do_sample=False, assistant_model=drafter)
+                answer = out[0, ids.shape[1]:]
+                messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
+                state["calls"] += 1
+                state["new_tokens"] += int(answer.shape[0])
+            elapsed = time.perf_counter() - started
+            state["served"] += 1
+            state["seconds"] += elapsed
+            bar.update(round(elapsed))
+            bar.set_postfix(conversations=state["served"], tok_s=f"{state['new_tokens'] / state['seconds']:.1f}")
+            if state["served"] % args.flush_every == 0:
+                recorder.flush()  # the shards first, then the count: a killed run resumes after what was written
+                atomic_write_text(state_path, json.dumps(state))
+        recorder.flush()
+        atomic_write_text(state_path, json.dumps(state))
+    bar.close()
+    print(json.dumps({**state, "tokens_per_s": round(state["new_tokens"] / max(state["seconds"], 1e-9), 2),
+                      "cpu": cpu_facts()["cpu_model"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    s = sub.add_parser("serve", help="serve the code stream through the recorder for a time budget")
+    s.add_argument("--run", required=True, help="run folder (traffic/ and served.json go here)")
+    s.add_argument("--budget-min", type=float, default=30.0, help="minutes of serving, summed over resumed runs")
+    s.add_argument("--skip", type=int, default=2000, help="conversations of the train order never served")
+    s.add_argument("--max-turns", type=int, default=2)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-context", type=int, default=2048, help="turns that would not fit are not sent")
+    s.add_argument("--flush-every", type=int, default=8, help="conversations per traffic shard (and per resume point)")
+    args = parser.parse_args()
+    serve(args)
+
+
+if __name__ == "__main__":
+    main()
