@@ -35,14 +35,21 @@ from tqdm import tqdm
 from .data import chat_prompt_ids, read_jsonl
 from .fileio import atomic_write_text, make_shareable
 from .traffic import ADAPT_SUMMARY, build_adapt_data, iter_heldout_requests
-from .training import RECIPE_FILE, WARM_START_RECIPE, FeatureDataset, TrainConfig, extract_features, train_drafter
+from .training import (
+    RECIPE_FILE,
+    TEACHER_TOPK,
+    WARM_START_RECIPE,
+    FeatureDataset,
+    TrainConfig,
+    extract_features,
+    train_drafter,
+)
 
 REPORT_JSON = "adapt_report.json"
 REPORT_PNG = "adapt_report.png"
 EVALUATION_JSON = "evaluation.json"  # the side-by-side runs, before the verdict
 ADAPTED = "adapted-drafter"  # the fine-tuned weights, before the verdict
 ACCEPTED = "drafter"  # the same, once within tolerance
-TEACHER_TOP_K = 16
 
 
 class AdaptInputError(ValueError):
@@ -194,7 +201,7 @@ def run_adapt(spec: AdaptSpec) -> dict:
     print(f"adapt data: {data['train_traffic']} traffic + {data['train_replay']} replay records to train on, "
           f"{data['heldout_records']} newest held out ({data['dropped_short']} too short to train on)")
     extract_features(target, out / "adapt_data" / "train", out / "features", base.config.target_layer_ids,
-                     teacher_top_k=TEACHER_TOP_K if spec.distill > 0 else 0)
+                     teacher_top_k=TEACHER_TOPK if spec.distill > 0 else 0)
     timings["data and features"] = time.perf_counter() - started
 
     started = time.perf_counter()
