@@ -39,6 +39,11 @@ CODE_PATTERN = re.compile(
 )
 
 
+def cpu_line() -> str:
+    facts = cpu_facts()
+    return f"{facts['cpu_model']} (family {facts['cpu_family']}, model {facts['cpu_model_number']})"
+
+
 def code_stream(skip: int, seed: int = 0, max_turns: int = 2) -> list[dict]:
     """Code conversations of the ShareGPT train split in `training_conversations`' order, past its first ``skip``."""
     source = load_named("sharegpt")
@@ -56,7 +61,7 @@ def serve(args: argparse.Namespace) -> None:
     stream = code_stream(args.skip, max_turns=args.max_turns)
     target, tokenizer, drafter = dflash_hf.load_default_pair()
     print(f"{len(stream)} code conversations in the stream; {state['served']} served in {state['seconds'] / 60:.1f} "
-          f"min before this run; CPU: {cpu_facts()['cpu_model']}")
+          f"min before this run; CPU: {cpu_line()}")
     budget = args.budget_min * 60
     bar = tqdm(total=round(budget), initial=round(state["seconds"]), unit="s", desc="serving (budget)")
     with record_traffic(drafter, run / "traffic") as recorder:
@@ -88,7 +93,7 @@ def serve(args: argparse.Namespace) -> None:
         atomic_write_text(state_path, json.dumps(state))
     bar.close()
     print(json.dumps({**state, "tokens_per_s": round(state["new_tokens"] / max(state["seconds"], 1e-9), 2),
-                      "cpu": cpu_facts()["cpu_model"]}))
+                      "cpu": cpu_line()}))
 
 
 def main() -> None:

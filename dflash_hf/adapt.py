@@ -17,7 +17,6 @@ The adapted drafter is kept as ``drafter/`` only when its general acceptance fal
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -25,7 +24,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +55,6 @@ class AdaptInputError(ValueError):
     traffic folder, a run folder built from other inputs); ``dflash-hf adapt`` prints it as one error line."""
 
 
-@contextlib.contextmanager
-def _inputs_checked() -> Iterator[None]:
-    try:
-        yield
-    except (ValueError, OSError, ImportError) as err:
-        raise AdaptInputError(str(err)) from err
 
 
 class AdaptRejected(RuntimeError):
@@ -185,10 +177,10 @@ def _comparison(runs: dict[str, DrafterRun], requests: list[tuple[list[int], dic
 def run_adapt(spec: AdaptSpec) -> dict:
     """Make (or resume) the run folder ``spec.out``; returns the report (also ``adapt_report.json``).
     Raises AdaptInputError for inputs that fail to load, AdaptRejected when the adapted drafter fails the verdict."""
-    from .cli import _load_drafter, _load_target
+    from .cli import _load_drafter, _load_target, input_errors_as
 
     out = Path(spec.out)
-    with _inputs_checked():
+    with input_errors_as(AdaptInputError):
         target, tokenizer = _load_target(spec.target)
         base = _load_drafter(str(spec.drafter), target, target.dtype, "--drafter")
         out.mkdir(parents=True, exist_ok=True)

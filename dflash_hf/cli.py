@@ -34,12 +34,17 @@ class CommandError(Exception):
 
 
 @contextlib.contextmanager
-def _reported() -> Iterator[None]:
-    """Loading and checking models: their ValueError/OSError/ImportError become a CommandError (no traceback)."""
+def input_errors_as(error_type: type[Exception]) -> Iterator[None]:
+    """Loading and checking inputs: their ValueError/OSError/ImportError become ``error_type`` (one line for the
+    user, no traceback)."""
     try:
         yield
     except (ValueError, OSError, ImportError) as err:
-        raise CommandError(str(err)) from err
+        raise error_type(str(err)) from err
+
+
+def _reported() -> contextlib.AbstractContextManager[None]:
+    return input_errors_as(CommandError)
 
 
 # ----------------------------------------------------------------------------------------------------------------

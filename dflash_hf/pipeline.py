@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .cli import TRAINING_SOURCE_NAMES, _load_drafter, _load_target, train_parser
+from .cli import TRAINING_SOURCE_NAMES, _load_drafter, _load_target, input_errors_as, train_parser
 from .data import count_records, load_prompts, load_records, magpie_prompts, read_jsonl, regenerate
 from .fileio import atomic_write_text, make_shareable
 from .modeling_dflash import DFlashDraftModel
@@ -55,12 +55,8 @@ class TrainInputError(ValueError):
     load); ``dflash-hf train`` prints it as one error line, without a traceback."""
 
 
-@contextlib.contextmanager
-def _inputs_checked() -> Iterator[None]:
-    try:
-        yield
-    except (ValueError, OSError, ImportError) as err:
-        raise TrainInputError(str(err)) from err
+def _inputs_checked() -> contextlib.AbstractContextManager[None]:
+    return input_errors_as(TrainInputError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
