@@ -1,14 +1,16 @@
-"""A simulated deployment for `dflash-hf adapt`: a code-assistant stream served through the traffic recorder.
+"""A simulated deployment for `dflash-hf adapt`: a stream of chat requests served through the traffic recorder.
 
-The stream is ShareGPT conversations about code (first human turn matched by CODE_PATTERN) from the TRAIN split,
-past the first ``--skip`` conversations of the seeded order `dflash-hf train --prompts sharegpt` draws from (so
-none of them trained the shipped drafter, which used the first 704). Each conversation is served as a chat app
+``--stream code`` (a code assistant) is ShareGPT conversations about code (first human turn matched by
+CODE_PATTERN) from the TRAIN split, past the first ``--skip`` conversations of the seeded order `dflash-hf train
+--prompts sharegpt` draws from (so none of them trained the shipped drafter, which used the first 704).
+``--stream chitchat`` (a social chat app) is Chit-Chat conversations of its train split, a source the shipped
+drafter never saw. Each conversation is served as a chat app
 would: turn by turn, up to ``--max-turns`` human turns, every later turn sent with the target's own earlier
 answers, greedy, ``--max-new-tokens`` per answer, through ``generate(assistant_model=drafter)`` inside
 ``record_traffic``. Serving stops when ``--budget-min`` minutes of serving have passed (summed over resumed runs)
 or the stream ends; a rerun resumes after the last conversation served (``served.json`` in the run folder).
 
-    python benchmarks/adapt_workload.py serve --run /work/runs/code --budget-min 30
+    python benchmarks/adapt_workload.py serve --run /work/runs/code --budget-min 30 [--stream chitchat --skip 0]
     dflash-hf adapt --traffic /work/runs/code/traffic --drafter hub_upload/SmolLM2-135M-Instruct-DFlash \\
         --replay-data /work/runs/sg --out /work/runs/code/adapted
 """
@@ -44,12 +46,15 @@ def cpu_line() -> str:
     return f"{facts['cpu_model']} (family {facts['cpu_family']}, model {facts['cpu_model_number']})"
 
 
-def code_stream(skip: int, seed: int = 0, max_turns: int = 2) -> list[dict]:
-    """Code conversations of the ShareGPT train split in `training_conversations`' order, past its first ``skip``."""
-    source = load_named("sharegpt")
+def request_stream(name: str, skip: int, seed: int = 0, max_turns: int = 2) -> list[dict]:
+    """The conversations of a stream, in `training_conversations`' order of its source's train split, past the
+    first ``skip``: ``code`` (ShareGPT conversations whose first turn is about code) or ``chitchat`` (Chit-Chat
+    conversations, a source the shipped drafter never trained on)."""
+    source = load_named("sharegpt" if name == "code" else "chitchat")
     train = sorted((c for c in source.conversations if split_of(c["id"]) == "train"), key=lambda c: c["id"])
     random.Random(seed).shuffle(train)
-    return [{"id": c["id"], "turns": c["turns"][:max_turns]} for c in train[skip:] if CODE_PATTERN.search(c["turns"][0])]
+    keep = (lambda c: CODE_PATTERN.search(c["turns"][0])) if name == "code" else (lambda c: True)
+    return [{"id": c["id"], "turns": c["turns"][:max_turns]} for c in train[skip:] if keep(c)]
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -58,9 +63,9 @@ def serve(args: argparse.Namespace) -> None:
     state_path = run / "served.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"served": 0, "seconds": 0.0, "calls": 0,
                                                                             "new_tokens": 0}
-    stream = code_stream(args.skip, max_turns=args.max_turns)
+    stream = request_stream(args.stream, args.skip, max_turns=args.max_turns)
     target, tokenizer, drafter = dflash_hf.load_default_pair()
-    print(f"{len(stream)} code conversations in the stream; {state['served']} served in {state['seconds'] / 60:.1f} "
+    print(f"{len(stream)} {args.stream} conversations in the stream; {state['served']} served in {state['seconds'] / 60:.1f} "
           f"min before this run; CPU: {cpu_line()}")
     budget = args.budget_min * 60
     bar = tqdm(total=round(budget), initial=round(state["seconds"]), unit="s", desc="serving (budget)")
@@ -102,6 +107,7 @@ def main() -> None:
     s = sub.add_parser("serve", help="serve the code stream through the recorder for a time budget")
     s.add_argument("--run", required=True, help="run folder (traffic/ and served.json go here)")
     s.add_argument("--budget-min", type=float, default=30.0, help="minutes of serving, summed over resumed runs")
+    s.add_argument("--stream", choices=["code", "chitchat"], default="code", help="the deployment's requests")
     s.add_argument("--skip", type=int, default=2000, help="conversations of the train order never served")
     s.add_argument("--max-turns", type=int, default=2)
     s.add_argument("--max-new-tokens", type=int, default=128)

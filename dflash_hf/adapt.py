@@ -347,11 +347,14 @@ def _plot_report(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     xs = range(len(rows))
     for offset, name in ((-0.2, "base"), (0.2, "adapted")):
-        ax.bar([x + offset for x in xs], [r[name]["mean_acceptance_length"] for r in rows.values()], width=0.4,
-               label=f"{name} drafter")
+        heights = [r[name]["mean_acceptance_length"] for r in rows.values()]
+        bars = ax.bar([x + offset for x in xs], heights, width=0.4, label=f"{name} drafter")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    top = max(r[name]["mean_acceptance_length"] for r in rows.values() for name in ("base", "adapted"))
+    ax.set_ylim(1.0, 1.0 + (top - 1.0) * 1.35)  # one token per step is the floor: every step commits one
     ax.set_xticks(list(xs), list(rows))
     ax.set(ylabel="mean acceptance length (online)", title="Acceptance before and after adapting to traffic")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
     _save_figure(fig, path)
 
 
