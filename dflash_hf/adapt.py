@@ -309,6 +309,8 @@ def _write_recipe(spec: AdaptSpec, out: Path, data: dict, report: dict) -> None:
     }
     if spec.distill > 0:
         recipe["distillation weight (against the target's top-16 distribution)"] = spec.distill
+    if spec.mixed_precision != "no":
+        recipe["mixed precision"] = spec.mixed_precision
     if base_recipe.is_file():
         recipe["adapted from a drafter trained with"] = json.loads(base_recipe.read_text(encoding="utf-8"))
         atomic_write_text(out / WARM_START_RECIPE, base_recipe.read_text(encoding="utf-8"))
