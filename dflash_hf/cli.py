@@ -665,6 +665,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, tolerance=args.tolerance,
             command_line="dflash-hf " + " ".join(args.argv),
         )
+    if not args.replay_data:
+        print("dflash-hf adapt: no --replay-data, so the drafter trains on the traffic alone (nothing replayed from "
+              "its original data); the general suites will show what it forgets", file=sys.stderr)
     try:
         run_adapt(spec)
     except AdaptInputError as err:
