@@ -158,6 +158,9 @@ def test_reduced_vocab_drafts_only_its_tokens_and_stays_lossless():
     assert torch.all(logits[..., outside] == float("-inf"))
     full = target.get_output_embeddings()(hidden)
     torch.testing.assert_close(logits[..., vocab], full[..., vocab])
+    fewer = session.draft_logits(hidden[:1, :2])  # a later block with fewer rows reuses the session's buffer
+    assert fewer.data_ptr() == logits.data_ptr() and torch.all(fewer[..., outside] == float("-inf"))
+    torch.testing.assert_close(fewer[..., vocab], full[:1, :2, vocab])
     for seed in range(3):
         prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
         plain = target.generate(prompt, max_new_tokens=24, do_sample=False)

@@ -304,6 +304,7 @@ class DraftSession:
         self.cache = DraftCache()
         self.options = options or DFlashOptions.from_drafter(drafter)
         self.max_drafts = self.options.max_drafts
+        self._full_logits: torch.Tensor | None = None  # [R, n, V], -inf off the draft vocabulary (see draft_logits)
 
     @torch.no_grad()
     def propose(
@@ -337,13 +338,20 @@ class DraftSession:
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, n, H] drafter states -> [R, n, V] logits over the whole vocabulary. With a reduced draft vocabulary
-        only its rows of the LM head are multiplied and every other token gets -inf (never drafted)."""
+        only its rows of the LM head are multiplied and every other token gets -inf (never drafted).
+
+        The full-vocabulary tensor is one buffer per session, filled with -inf once: each block writes only the
+        draft vocabulary's columns, so the rest stay -inf. What is returned is valid until the next call."""
         head, vocab = self.draft_head()
         logits = head(hidden.to(device=head.weight.device, dtype=head.weight.dtype))
         if vocab is None:
             return logits
-        full = logits.new_full((*logits.shape[:-1], self.lm_head.out_features), float("-inf"))
-        return full.index_copy_(-1, vocab, logits)
+        rows, slots = logits.shape[:2]
+        buffer = self._full_logits
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] < slots or buffer.dtype != logits.dtype:
+            buffer = logits.new_full((rows, slots, self.lm_head.out_features), float("-inf"))
+            self._full_logits = buffer
+        return buffer[:rows, :slots].index_copy_(-1, vocab, logits)
 
     def draft_head(self) -> tuple[nn.Module, torch.Tensor | None]:
         """The head drafts go through and the token ids of its rows (None: the whole vocabulary, in order).
