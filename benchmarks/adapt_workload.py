@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import dflash_hf
 from dflash_hf.data import chat_ids
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import cpu_facts
-from dflash_hf.prompt_sources import load_named, split_of
+from dflash_hf.prompt_sources import training_conversations
 from dflash_hf.traffic import record_traffic
 
 CODE_PATTERN = re.compile(
@@ -47,14 +47,12 @@ def cpu_line() -> str:
 
 
 def request_stream(name: str, skip: int, seed: int = 0, max_turns: int = 2) -> list[dict]:
-    """The conversations of a stream, in `training_conversations`' order of its source's train split, past the
-    first ``skip``: ``code`` (ShareGPT conversations whose first turn is about code) or ``chitchat`` (Chit-Chat
-    conversations, a source the shipped drafter never trained on)."""
-    source = load_named("sharegpt" if name == "code" else "chitchat")
-    train = sorted((c for c in source.conversations if split_of(c["id"]) == "train"), key=lambda c: c["id"])
-    random.Random(seed).shuffle(train)
-    keep = (lambda c: CODE_PATTERN.search(c["turns"][0])) if name == "code" else (lambda c: True)
-    return [{"id": c["id"], "turns": c["turns"][:max_turns]} for c in train[skip:] if keep(c)]
+    """The conversations of a stream, in the order `dflash-hf train --prompts SOURCE` draws its source's train
+    split (``training_conversations``), past the first ``skip``: ``code`` (ShareGPT conversations whose first turn
+    is about code) or ``chitchat`` (Chit-Chat conversations, a source the shipped drafter never trained on)."""
+    source = "sharegpt" if name == "code" else "chitchat"
+    ordered = training_conversations(source, sys.maxsize, seed=seed, max_turns=max_turns)[skip:]
+    return [c for c in ordered if name != "code" or CODE_PATTERN.search(c["turns"][0])]
 
 
 def serve(args: argparse.Namespace) -> None:
