@@ -5,11 +5,11 @@ for the weight shapes of SmolLM2-135M (the default target) and 1-16 rows, the me
 ``dflash_hf.matmul_dflash.linear_for_few_rows``, measured side by side in one run, and their ratio. Weights
 are cycled through several copies so that every product streams its weight from memory, as in a real forward.
 
-The last column is the choice of this machine's few-row plan (``FewRowPlan``: measured once per shape and rows,
-then kept in ``~/.cache/dflash_hf``); ``--recalibrate`` drops the saved plan first, so it is measured again now.
-Run it on an idle machine: the plan is timed like everything else.
+The last column is what the few-row plan (``FewRowPlan``, which DFlash's forwards consult) chooses on this machine
+from its own short timing, taken here as a generate call would take it; the plan's own timing is printed too.
+Run it on an idle machine.
 
-    python benchmarks/cpu_linear.py [--rows 1 2 4 8 16] [--repeats 30] [--recalibrate]
+    python benchmarks/cpu_linear.py [--rows 1 2 4 8 16] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dflash_hf.machine import cpu_facts
-from dflash_hf.matmul_dflash import FEW_ROWS, FewRowPlan, default_plan, linear_for_few_rows
+from dflash_hf.matmul_dflash import FEW_ROWS, FewRowPlan, linear_for_few_rows
 
 # (out_features, in_features) of SmolLM2-135M: q/o, k/v, gate/up, down, LM head.
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
@@ -43,18 +43,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--recalibrate", action="store_true", help="measure this machine's few-row plan again")
     args = parser.parse_args()
-    plan = default_plan()
-    if args.recalibrate and isinstance(plan, FewRowPlan):
-        plan.choices.clear()
-        if plan.path is not None:
-            plan.path.unlink(missing_ok=True)
+    plan = FewRowPlan()
     cpu = cpu_facts()
     print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
           f"{cpu['avx512_bf16']}); torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
-    print(f"plan: {getattr(plan, 'path', None) or 'routine always (DFLASH_FEW_ROW_PLAN=always)'}")
-    print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7} {'plan':>8}")
+    print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7} {'plan':>8}"
+          f" {'plan timing: BLAS / routine (us)':>34}")
     for out_features, in_features in SHAPES:
         copies = max(2, min(64, WEIGHT_POOL_BYTES // (out_features * in_features * 4)))
         weights = [torch.randn(out_features, in_features) for _ in range(copies)]
@@ -67,10 +62,13 @@ def main() -> None:
             x = torch.randn(rows, in_features)
             blas = median_us(lambda: F.linear(x, weight()), args.repeats)
             ours = median_us(lambda: linear_for_few_rows(x, weight()), args.repeats)
-            choice = "-" if rows not in FEW_ROWS else (
-                "routine" if plan.use_routine(weight(), rows, None) else "BLAS")
+            choice, timing = "-", ""
+            if rows in FEW_ROWS:
+                choice = "routine" if plan.use_routine(weight(), rows, None) else "BLAS"
+                plan_blas, plan_ours = plan.timings[(out_features, in_features, rows, False)]
+                timing = f"{1e6 * plan_blas:.0f} / {1e6 * plan_ours:.0f}"
             print(f"{out_features:>6}x{in_features:<5} {rows:>5} {blas:>14.0f} {ours:>14.0f} {blas / ours:>6.2f}x "
-                  f"{choice:>8}", flush=True)
+                  f"{choice:>8} {timing:>34}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .fileio import make_shareable, staging_dir
-from .matmul_dflash import dflash_cache_dir
 
 DEFAULT_TARGET_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_DRAFTER_NAME = "SmolLM2-135M-Instruct-DFlash"
@@ -25,7 +24,10 @@ _CACHE_VERSION = "v1"
 
 def cache_root() -> Path:
     """``$DFLASH_HF_CACHE``, else ``$XDG_CACHE_HOME/dflash_hf``, else ``~/.cache/dflash_hf``."""
-    return dflash_cache_dir()
+    if os.environ.get("DFLASH_HF_CACHE"):
+        return Path(os.environ["DFLASH_HF_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dflash_hf"
 
 
 def _gguf_dir() -> Path:

@@ -283,8 +283,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         # and the verify forward shrink) at the cost of a shorter maximum acceptance; useful for weak drafters.
         # The checkpoint's config may carry a default.
         self.num_speculative_tokens: int | None = config.num_speculative_tokens
-        # On CPU, verify forwards and drafts compute float32 linear layers over 2-16 rows as weight @ x^T, which
-        # CPU BLAS runs far faster than its own few-row product (see FewRowLinearMode). False: BLAS's own products.
+        # On CPU, verify forwards and drafts may compute float32 linear layers over 2-16 rows as weight @ x^T,
+        # which CPU BLAS often runs far faster than its own few-row product (see FewRowLinearMode). True: where
+        # this process's timings favour it; "always": for every such product; False: BLAS's own products.
         self.few_row_matmul_on_cpu = True
         self.post_init()
 

@@ -6,9 +6,6 @@ import os
 
 # Triton reads this once, at its first import (transformers imports it): kernel tests run in the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# The few-row plan times BLAS against the routine per machine; tests take the routine always, so which product
-# runs never depends on timing (tests/test_few_row_plan.py covers the measured plan).
-os.environ.setdefault("DFLASH_FEW_ROW_PLAN", "always")
 
 import pytest
 import torch
@@ -60,6 +57,16 @@ def make_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64) 
     model.generation_config.pad_token_id = None
     model.generation_config.eos_token_id = None
     return model
+
+
+@pytest.fixture(autouse=True)
+def few_row_routine_always(monkeypatch):
+    """The few-row plan times BLAS against the routine on the running machine; here every few-row product takes
+    the routine, so which product runs never depends on timing (tests/test_few_row_plan.py covers the measured
+    plan)."""
+    import dflash_hf.matmul_dflash as matmul
+
+    monkeypatch.setattr(matmul, "measured_plan", matmul.AlwaysRoutine)
 
 
 def make_drafter(target: torch.nn.Module, block_size: int = 8, seed: int = 1) -> dflash_hf.DFlashDraftModel:

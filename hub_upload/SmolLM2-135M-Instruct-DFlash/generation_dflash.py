@@ -215,7 +215,7 @@ class DFlashOptions:
     generation_loop: str
     sampling_mode: str
     max_drafts: int
-    few_row_matmul_on_cpu: bool
+    few_row_matmul_on_cpu: bool | str
 
     @classmethod
     def from_drafter(cls, drafter: nn.Module) -> "DFlashOptions":
@@ -229,8 +229,9 @@ class DFlashOptions:
         if mode not in SAMPLING_MODES:
             raise ValueError(f"drafter.sampling_mode must be 'auto', 'strict' or 'ratio', got {mode!r}.")
         few_rows = getattr(drafter, "few_row_matmul_on_cpu", True)
-        if not isinstance(few_rows, bool):
-            raise ValueError(f"drafter.few_row_matmul_on_cpu must be True or False, got {few_rows!r}.")
+        if not (few_rows is True or few_rows is False or few_rows == "always"):
+            raise ValueError(f"drafter.few_row_matmul_on_cpu must be True (the routine where this machine's "
+                             f"timings favour it), 'always' or False, got {few_rows!r}.")
         return cls(loop, mode, max_drafts_per_step(drafter), few_rows)
 
 
@@ -567,7 +568,7 @@ def run_dflash_decoding(
         stats.num_target_forwards += 1
         for r in state.live if stats.rows else ():
             stats.rows[r].num_target_forwards += 1
-        with few_row_linear(device, not prefill and options.few_row_matmul_on_cpu):
+        with few_row_linear(device, False if prefill else options.few_row_matmul_on_cpu):
             return target(input_ids=tokens, **kwargs).logits
 
     def commit(i: int, tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
