@@ -1,0 +1,130 @@
+"""Where the milliseconds of one DFlash step go, on the default pair, next to one plain token.
+
+Timers wrap the pieces of the decode loop (the drafter's layers, its LM head, the target's verify forward, score
+processing, acceptance, tap collection, cache crop); what the loop's own step timers count beyond them is its
+host work (commit, masks, bookkeeping). Plain ``generate`` runs the same prompts, interleaved prompt by prompt, for
+the per-token cost the step is compared against. Greedy, float32, the shipped drafter with its shipped drafts per
+step. Timers add a few microseconds per wrapped call; run on an idle machine.
+
+    python benchmarks/step_profile.py [--num-prompts 4] [--max-new-tokens 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+import dflash_hf.generation_dflash as loop
+from dflash_hf.bench import load_prompt_file
+from dflash_hf.data import chat_prompt_ids
+from dflash_hf.default_pair import load_default_pair
+from dflash_hf.machine import cpu_facts
+from dflash_hf.verify_dflash import BatchProcessorView, BlockVerifier
+
+spent: dict[str, float] = defaultdict(float)
+
+
+def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)  # keeps the signature: the loop and generate inspect forward's for the cache keyword
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+
+    return wrapper
+
+
+def install_timers(target: Any, drafter: Any) -> None:
+    """Wrap each piece once. A target forward is a prefill when it is the first of its generate call; in plain
+    calls (``target._profile_state["plain"]``) the others are decode forwards."""
+    drafter.forward = timed("draft: drafter layers", drafter.forward)
+    loop.DraftSession.draft_logits = timed("draft: LM head (draft vocabulary)", loop.DraftSession.draft_logits)
+    loop.DraftSession.propose = timed("draft: propose (layers + head + inputs)", loop.DraftSession.propose)
+    BatchProcessorView.block_scores = timed("verify: score processing", BatchProcessorView.block_scores)
+    BlockVerifier.verify = timed("verify: acceptance", BlockVerifier.verify)
+    loop.TapRecorder.take = timed("verify: taps collected", loop.TapRecorder.take)
+    loop.crop_cache = timed("verify: cache crop", loop.crop_cache)
+    forward = target.forward
+    state = {"calls": 0, "plain": False}
+
+    @functools.wraps(forward)
+    def target_forward(*args: Any, **kwargs: Any) -> Any:
+        state["calls"] += 1
+        if state["plain"]:
+            name = "plain: prefill" if state["calls"] == 1 else "plain: decode forward"
+        else:
+            name = "prefill" if state["calls"] == 1 else "verify: target forward"
+        return timed(name, forward)(*args, **kwargs)
+
+    target.forward = target_forward
+    target._profile_state = state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    args = parser.parse_args()
+    target, tokenizer, drafter = load_default_pair()
+    prompts = [torch.tensor([chat_prompt_ids(tokenizer, p)]) for p in load_prompt_file(None, args.num_prompts)]
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    target.generate(prompts[0], assistant_model=drafter, **{**common, "max_new_tokens": 16})  # warm-up, plan timed
+    target.generate(prompts[0], **{**common, "max_new_tokens": 4})
+    install_timers(target, drafter)
+    accepted: list[int] = []
+    plain_tokens = 0
+    draft_s = verify_s = plain_s = 0.0
+    state = target._profile_state
+    for ids in prompts:
+        state.update(calls=0, plain=False)
+        target.generate(ids, assistant_model=drafter, **common)
+        stats = drafter.last_stats
+        accepted += stats.acceptance_lengths
+        draft_s += stats.draft_time_s
+        verify_s += stats.verify_time_s
+        state.update(calls=0, plain=True)
+        start = time.perf_counter()
+        out = target.generate(ids, **common)
+        plain_s += time.perf_counter() - start
+        plain_tokens += out.shape[1] - ids.shape[1] - 1  # the first token comes from the prefill
+    steps = len(accepted)
+    plain_s -= spent["plain: prefill"]  # prefills are left out of both: the step is what is compared
+    rows = [
+        ("draft: drafter layers", spent["draft: drafter layers"]),
+        ("draft: LM head (draft vocabulary)", spent["draft: LM head (draft vocabulary)"]),
+        ("draft: the rest of propose (block inputs, positions)", spent["draft: propose (layers + head + inputs)"]
+         - spent["draft: drafter layers"] - spent["draft: LM head (draft vocabulary)"]),
+        ("draft: outside propose (argmax, device moves)", draft_s - spent["draft: propose (layers + head + inputs)"]),
+        ("verify: target forward", spent["verify: target forward"]),
+        ("verify: score processing", spent["verify: score processing"]),
+        ("verify: acceptance", spent["verify: acceptance"]),
+        ("verify: taps collected", spent["verify: taps collected"]),
+        ("verify: cache crop", spent["verify: cache crop"]),
+    ]
+    accounted = sum(seconds for name, seconds in rows if name.startswith("verify"))
+    rows.append(("verify: the loop's own host work (commit, masks, stops)", verify_s - accounted))
+    step_ms = 1e3 * (draft_s + verify_s) / steps
+    plain_ms = 1e3 * plain_s / max(1, plain_tokens)
+    cpu = cpu_facts()
+    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
+          f"{cpu['avx512_bf16']}); {torch.get_num_threads()} threads; {len(prompts)} prompts, {steps} DFlash steps, "
+          f"mean acceptance {sum(accepted) / steps:.2f}")
+    print(f"{'piece':<58}{'ms/step':>9}{'% of step':>11}")
+    for name, seconds in rows:
+        ms = 1e3 * seconds / steps
+        print(f"{name:<58}{ms:>9.2f}{100 * ms / step_ms:>10.1f}%")
+    print(f"{'one DFlash step (draft + verify)':<58}{step_ms:>9.2f}{100.0:>10.1f}%")
+    print(f"{'one plain token (prefill excluded), same prompts':<58}{plain_ms:>9.2f}"
+          f"   step = {step_ms / plain_ms:.2f}x a plain token")
+    print(f"{'  of which the plain decode forward':<58}{1e3 * spent['plain: decode forward'] / plain_tokens:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
