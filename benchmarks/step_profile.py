@@ -4,7 +4,8 @@ Timers wrap the pieces of the decode loop (the drafter's layers, its LM head, th
 processing, acceptance, tap collection, cache crop); what the loop's own step timers count beyond them is its
 host work (commit, masks, bookkeeping). Plain ``generate`` runs the same prompts, interleaved prompt by prompt, for
 the per-token cost the step is compared against. Greedy, float32, the shipped drafter with its shipped drafts per
-step. Timers add a few microseconds per wrapped call; run on an idle machine.
+step. Timers add a few microseconds per wrapped call; run on an idle machine. The last line is the one-time cost of
+the few-row plan (``FewRowPlan``) in this process.
 
     python benchmarks/step_profile.py [--num-prompts 4] [--max-new-tokens 96]
 """
@@ -20,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 import dflash_hf.generation_dflash as loop
+import dflash_hf.matmul_dflash as matmul
 from dflash_hf.bench import load_prompt_file
 from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
@@ -29,30 +31,36 @@ from dflash_hf.verify_dflash import BatchProcessorView, BlockVerifier
 spent: dict[str, float] = defaultdict(float)
 
 
-def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def timed(name: str, fn: Callable[..., Any], counts: Callable[[], bool] = lambda: True) -> Callable[..., Any]:
+    """``fn``, adding its seconds to ``spent[name]`` whenever ``counts()`` holds at the call."""
+
     @functools.wraps(fn)  # keeps the signature: the loop and generate inspect forward's for the cache keyword
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[name] += time.perf_counter() - start
+            if counts():
+                spent[name] += time.perf_counter() - start
 
     return wrapper
 
 
-def install_timers(target: Any, drafter: Any) -> None:
-    """Wrap each piece once. A target forward is a prefill when it is the first of its generate call; in plain
-    calls (``target._profile_state["plain"]``) the others are decode forwards."""
+def install_timers(target: Any, drafter: Any) -> dict:
+    """Wrap each piece once; returns the state the caller sets per generate call (``calls=0`` and ``plain``). A
+    target forward is a prefill when it is the first of its call; in plain calls the others are decode forwards.
+    The verify pieces the prefill also runs (scores, acceptance of its token, taps) count only after it."""
+    state = {"calls": 0, "plain": False}
+    after_prefill = lambda: state["calls"] > 1  # noqa: E731
     drafter.forward = timed("draft: drafter layers", drafter.forward)
     loop.DraftSession.draft_logits = timed("draft: LM head (draft vocabulary)", loop.DraftSession.draft_logits)
     loop.DraftSession.propose = timed("draft: propose (layers + head + inputs)", loop.DraftSession.propose)
-    BatchProcessorView.block_scores = timed("verify: score processing", BatchProcessorView.block_scores)
-    BlockVerifier.verify = timed("verify: acceptance", BlockVerifier.verify)
-    loop.TapRecorder.take = timed("verify: taps collected", loop.TapRecorder.take)
+    BatchProcessorView.block_scores = timed("verify: score processing", BatchProcessorView.block_scores,
+                                            after_prefill)
+    BlockVerifier.verify = timed("verify: acceptance", BlockVerifier.verify, after_prefill)
+    loop.TapRecorder.take = timed("verify: taps collected", loop.TapRecorder.take, after_prefill)
     loop.crop_cache = timed("verify: cache crop", loop.crop_cache)
     forward = target.forward
-    state = {"calls": 0, "plain": False}
 
     @functools.wraps(forward)
     def target_forward(*args: Any, **kwargs: Any) -> Any:
@@ -64,7 +72,7 @@ def install_timers(target: Any, drafter: Any) -> None:
         return timed(name, forward)(*args, **kwargs)
 
     target.forward = target_forward
-    target._profile_state = state
+    return state
 
 
 def main() -> None:
@@ -75,13 +83,15 @@ def main() -> None:
     target, tokenizer, drafter = load_default_pair()
     prompts = [torch.tensor([chat_prompt_ids(tokenizer, p)]) for p in load_prompt_file(None, args.num_prompts)]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    target.generate(prompts[0], assistant_model=drafter, **{**common, "max_new_tokens": 16})  # warm-up, plan timed
+    plan = matmul.measured_plan()  # the few-row plan DFlash's forwards consult: its one-time cost is printed too
+    plan.measure = timed("few-row plan timing", plan.measure)
+    target.generate(prompts[0], assistant_model=drafter, **{**common, "max_new_tokens": 16})  # warm-up
     target.generate(prompts[0], **{**common, "max_new_tokens": 4})
-    install_timers(target, drafter)
+    warm_up = (len(plan.choices), spent["few-row plan timing"])
+    state = install_timers(target, drafter)
     accepted: list[int] = []
     plain_tokens = 0
     draft_s = verify_s = plain_s = 0.0
-    state = target._profile_state
     for ids in prompts:
         state.update(calls=0, plain=False)
         target.generate(ids, assistant_model=drafter, **common)
@@ -124,6 +134,8 @@ def main() -> None:
     print(f"{'one plain token (prefill excluded), same prompts':<58}{plain_ms:>9.2f}"
           f"   step = {step_ms / plain_ms:.2f}x a plain token")
     print(f"{'  of which the plain decode forward':<58}{1e3 * spent['plain: decode forward'] / plain_tokens:>9.2f}")
+    print(f"few-row plan: {len(plan.choices)} products timed in {spent['few-row plan timing']:.2f} s in all, "
+          f"{warm_up[0]} of them ({warm_up[1]:.2f} s) in the 16-token warm-up call")
 
 
 if __name__ == "__main__":
