@@ -14,6 +14,9 @@ and ``table.png``.
     python benchmarks/recipe_ablation.py --run /work/runs/sg --variant anchors64 --steps 500
     python benchmarks/recipe_ablation.py --run /work/runs/sg --table      # print the table so far
 
+A grown run folder (more conversations) keeps the earlier rows: ``--name`` gives a new row its own name (and its
+own folder), e.g. ``--variant vocab8k --name vocab8k-2000`` after growing the data to 2000 conversations.
+
 Variants (each one switch away from ``ce``, today's objective): ``base`` (the start drafter, untrained here),
 ``ce``, ``distill`` (half cross-entropy, half the target's top-16 distribution; extracts the teacher files once),
 ``vocab8k`` (reduced draft vocabulary of the 8192 response tokens the target writes most), ``anchors64``
@@ -62,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="run folder with data/ and features/")
     parser.add_argument("--variant", choices=sorted(VARIANTS))
+    parser.add_argument("--name", default=None, help="row name and folder under RUN/ablations (default: the variant)")
     parser.add_argument("--table", action="store_true", help="print (and plot) the table so far")
     parser.add_argument("--init-from", default=None, help="start drafter (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=500)
@@ -101,7 +105,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     target, tokenizer = load_default_target()
     records = load_records(args.run / "data")
     drafter = build_drafter(args, target, records, switches)
-    out = args.run / "ablations" / args.variant
+    name = args.name or args.variant
+    out = args.run / "ablations" / name
     started = time.perf_counter()
     if args.variant != "base":
         if switches.get("distill"):  # the target's distribution beside the features, once (resumable)
@@ -114,11 +119,13 @@ def run_variant(args: argparse.Namespace) -> dict:
         drafter.save_pretrained(out / "drafter")
     train_minutes = (time.perf_counter() - started) / 60
     prompts = bench_sample("sharegpt", size=args.num_prompts, split="validation")
+    command = f"python benchmarks/recipe_ablation.py --run {args.run} --variant {args.variant} "
+    command += (f"--name {name} " if args.name else "") + (f"--init-from {args.init_from} " if args.init_from else "")
     row = {
-        "variant": args.variant,
+        "variant": name,
         "switches": switches,
-        "command": f"python benchmarks/recipe_ablation.py --run {args.run} --variant {args.variant} "
-                   f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr}",
+        "start": args.init_from or "the shipped drafter",
+        "command": command + f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr}",
         "steps": 0 if args.variant == "base" else args.steps,
         "sequences_per_step": args.batch_size,
         "train_minutes": round(train_minutes, 1),
@@ -143,10 +150,10 @@ def save_row(run: Path, row: dict) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'variant':<18}{'steps':>6}{'train min':>10}{'τ (validation)':>16}{'lossless':>10}")
+    print(f"{'variant':<18}{'steps':>6}{'train min':>10}{'τ (validation)':>16}{'lossless':>10}  data")
     for r in rows:
         print(f"{r['variant']:<18}{r['steps']:>6}{r['train_minutes']:>10}{r['mean_acceptance_length']:>16}"
-              f"{r['lossless']:>10}")
+              f"{r['lossless']:>10}  {r['data']}")
 
 
 def plot_table(rows: list[dict], path: Path) -> None:

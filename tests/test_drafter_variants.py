@@ -16,6 +16,7 @@ from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
 from dflash_hf import DFlashConfig, DFlashDraftModel
 from dflash_hf.generation_dflash import DraftSession, validate_pair
 from dflash_hf.modeling_dflash import DraftCache
+from dflash_hf.training import block_attention_mask
 
 WINDOW = 6
 BLOCK = 4
@@ -414,3 +415,42 @@ def test_unimplemented_dflash_options_are_refused(option):
         small_config({"mask_token_id": 1, "target_layer_ids": [1], **option})
     config = small_config({"mask_token_id": 1, "target_layer_ids": [1], "output_multiplier": 1.0, "is_causal": True})
     assert config.is_causal is True
+
+
+@pytest.mark.parametrize("layout, is_causal", [
+    (["sliding_attention"] * 5, None),  # the last layer slides and is causal inside the block
+    (SLIDING_LAYOUT, True),  # the last layer sees everything but is block-causal
+    (["full_attention"] * 5, False),  # no mask at all: the default layout of the shipped drafters
+])
+def test_output_slots_give_the_states_of_a_full_block_forward(layout, is_causal):
+    """``output_slots`` runs the last layer's queries, MLP and norm on fewer slots; every layer still sees the whole
+    block as keys, so the kept slots' states equal the full forward's, with and without a draft cache, with padded
+    context rows and with a training mask."""
+    target = make_target("qwen3")
+    drafter = make_sliding_drafter(target, layer_types=layout, is_causal=is_causal).double()
+    cfg = drafter.config
+    g = torch.Generator().manual_seed(5)
+    anchor = 3 * WINDOW
+    embeds = torch.randn(2, BLOCK, cfg.hidden_size, generator=g, dtype=torch.float64)
+    taps = torch.randn(2, anchor, cfg.num_taps * cfg.target_hidden_size, generator=g, dtype=torch.float64)
+    context_positions = torch.arange(anchor).repeat(2, 1)
+    context_positions[0, :4] = -1  # row 0 is left-padded, as in a batch
+    block_positions = torch.arange(anchor, anchor + BLOCK).repeat(2, 1)
+    kept = slice(1, BLOCK - 1)
+    with torch.no_grad():
+        full = drafter(embeds, taps, block_positions, context_positions)
+        torch.testing.assert_close(drafter(embeds, taps, block_positions, context_positions, output_slots=kept),
+                                   full[:, kept])
+        caches = DraftCache(), DraftCache()
+        for step in range(2):  # the second call reads the context from the cache
+            shift = step * BLOCK
+            new_taps = taps[:, :anchor] if step == 0 else taps[:, :BLOCK]
+            new_positions = context_positions if step == 0 else block_positions
+            args = (embeds, new_taps, block_positions + shift, new_positions)
+            torch.testing.assert_close(drafter(*args, cache=caches[1], output_slots=kept),
+                                       drafter(*args, cache=caches[0])[:, kept])
+        visible = block_attention_mask(torch.tensor([anchor]), BLOCK, anchor)
+        bias = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+        one = (embeds[:1], taps[:1], block_positions[:1], torch.arange(anchor)[None])
+        torch.testing.assert_close(drafter(*one, attention_bias=bias[None, None], output_slots=kept),
+                                   drafter(*one, attention_bias=bias[None, None])[:, kept])

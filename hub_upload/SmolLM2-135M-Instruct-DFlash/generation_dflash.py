@@ -333,9 +333,9 @@ class DraftSession:
                 block_positions.to(self.device),
                 context_positions.to(self.device),
                 cache=self.cache,
+                output_slots=slice(1, 1 + self.max_drafts),  # only the slots that will be verified: [R, n, H]
             )
-            drafted = hidden[:, 1 : 1 + self.max_drafts]  # only the slots that will be verified go through the head
-            return self.draft_logits(drafted)
+            return self.draft_logits(hidden)
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, n, H] drafter states -> [R, n, V] logits over the whole vocabulary. With a reduced draft vocabulary

@@ -123,15 +123,21 @@ class DFlashAttention(nn.Module):
         context_positions: torch.Tensor,
         cache: DraftCache | None,
         attention_bias: torch.Tensor | None = None,
+        query_slots: slice | None = None,
     ) -> torch.Tensor:
         """hidden_states: [B, Q, H] (normed block); context: [B, C, H] new context features (C may be 0).
 
         With ``attention_bias`` given (training), it is an additive [B or 1, 1, Q, C+Q] mask over
-        ``cat(context, block)`` keys and the cache is not used.
+        ``cat(context, block)`` keys and the cache is not used. ``query_slots``: only these block slots query (all
+        Q slots still give keys and values); the output is then [B, len(slots), H].
         """
-        bsz, q_len, _ = hidden_states.shape
-        q = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
-        q = apply_rotary(q, *rope_block)
+        bsz = hidden_states.shape[0]
+        slots = query_slots if query_slots is not None else slice(None)
+        queries = hidden_states[:, slots]
+        query_positions = block_positions[:, slots]
+        q_len = queries.shape[1]
+        q = self.q_norm(self.q_proj(queries).view(bsz, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = apply_rotary(q, rope_block[0][:, slots], rope_block[1][:, slots])
         k_blk, v_blk = self._project_kv(hidden_states, *rope_block)
         k_ctx, v_ctx = self._project_kv(context, *rope_context)
 
@@ -141,11 +147,14 @@ class DFlashAttention(nn.Module):
             )
         k = torch.cat((k_ctx, k_blk), dim=2)
         v = torch.cat((v_ctx, v_blk), dim=2)
+        key_positions = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
         if attention_bias is None:
-            attention_bias = self._inference_bias(block_positions, context_positions, q.dtype)
-        elif self.sliding_window is not None or self.block_causal:
-            hidden = ~self._layer_visibility(block_positions, torch.cat((context_positions, block_positions), dim=1))
-            attention_bias = attention_bias.masked_fill(hidden[:, None], torch.finfo(attention_bias.dtype).min)
+            attention_bias = self._inference_bias(query_positions, key_positions, q.dtype)
+        else:
+            attention_bias = attention_bias[:, :, slots]
+            if self.sliding_window is not None or self.block_causal:
+                hidden = ~self._layer_visibility(query_positions, key_positions)
+                attention_bias = attention_bias.masked_fill(hidden[:, None], torch.finfo(attention_bias.dtype).min)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
@@ -184,22 +193,21 @@ class DFlashAttention(nn.Module):
         return cache.keys[i], cache.values[i], cache.positions[i]
 
     def _inference_bias(
-        self, block_positions: torch.Tensor, context_positions: torch.Tensor, dtype: torch.dtype
+        self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """Additive mask [B, 1, Q, C+Q]: padding (position -1) is hidden, and this layer's rules apply."""
-        has_padding = bool((context_positions < 0).any()) if context_positions.numel() else False
+        """Additive mask [B, 1, Q, K]: padding (position -1) is hidden, and this layer's rules apply."""
+        has_padding = bool((key_positions < 0).any())  # block slots never sit at -1: only context padding does
         if self.sliding_window is None and not self.block_causal and not has_padding:
             return None
-        key_pos = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
-        visible = (key_pos >= 0)[:, None, :] & self._layer_visibility(block_positions, key_pos)
+        visible = (key_positions >= 0)[:, None, :] & self._layer_visibility(query_positions, key_positions)
         bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
         bias.masked_fill_(~visible, torch.finfo(dtype).min)
         return bias[:, None]
 
-    def _layer_visibility(self, block_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    def _layer_visibility(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """[B, Q, K] keys this layer may see by position: the window on sliding layers (both ways when the block
         is non-causal), and no later block slot on block-causal layers."""
-        distance = block_positions[:, :, None] - key_positions[:, None, :]  # [B, Q, K]
+        distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, Q, K]
         visible = torch.ones_like(distance, dtype=torch.bool)
         if self.sliding_window is not None:
             visible &= (distance if self.block_causal else distance.abs()) < self.sliding_window
@@ -228,9 +236,13 @@ class DFlashDecoderLayer(nn.Module):
         self.input_layernorm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), context, **attn_kwargs)
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, query_slots: slice | None = None,
+                **attn_kwargs) -> torch.Tensor:
+        """hidden_states: [B, Q, H] -> [B, Q, H], or [B, len(query_slots), H]: every slot gives keys and values,
+        only ``query_slots`` go on through attention's output, the MLP and the residual."""
+        residual = hidden_states if query_slots is None else hidden_states[:, query_slots]
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), context, query_slots=query_slots,
+                                       **attn_kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
         return residual + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -351,13 +363,17 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         context_positions: torch.Tensor,
         cache: DraftCache | None = None,
         attention_bias: torch.Tensor | None = None,
+        output_slots: slice | None = None,
     ) -> torch.Tensor:
         """Run the drafter over one block (inference) or many blocks at once (training).
 
         block_embeds: [B, Q, H] target embeddings of the block tokens.
         taps: [B, C, K * target_hidden] tapped target states of the C context positions not yet in ``cache``.
         block_positions: [B, Q] and context_positions: [B, C] absolute positions (``-1`` = padding).
-        Returns the final-normed hidden states [B, Q, H]; the caller applies the target's LM head.
+        output_slots: the block slots whose states are wanted (default: all). The last layer then runs its queries,
+        MLP and norm on those slots only; earlier layers need every slot, since the last one attends to all.
+        Returns the final-normed hidden states [B, Q, H] (or [B, len(output_slots), H]); the caller applies the
+        target's LM head.
         """
         dtype = self.fc.weight.dtype
         hidden = block_embeds.to(dtype)
@@ -372,8 +388,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
             cache=cache,
             attention_bias=attention_bias,
         )
-        for layer in self.layers:
-            hidden = layer(hidden, context, **attn_kwargs)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, context, query_slots=output_slots if i == last else None, **attn_kwargs)
         return self.norm(hidden)
 
     # ----------------------------------------------------------------------------------------------------------
