@@ -7,7 +7,11 @@ the per-token cost the step is compared against. Greedy, float32, the shipped dr
 step. Timers add a few microseconds per wrapped call; run on an idle machine. The last line is the one-time cost of
 the few-row plan (``FewRowPlan``) in this process.
 
-    python benchmarks/step_profile.py [--num-prompts 4] [--max-new-tokens 96]
+``--compare-full-block`` also decodes each prompt once more with the drafter's last layer running every block slot
+(what the drafter did before ``output_slots``: only the verified slots need it) and prints both drafter-layer costs
+per step, measured side by side on the same prompts.
+
+    python benchmarks/step_profile.py [--num-prompts 4] [--max-new-tokens 96] [--compare-full-block]
 """
 
 from __future__ import annotations
@@ -46,6 +50,20 @@ def timed(name: str, fn: Callable[..., Any], counts: Callable[[], bool] = lambda
     return wrapper
 
 
+def full_block(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The drafter's forward as it was before ``output_slots``: every slot through the last layer, then sliced."""
+
+    @functools.wraps(forward)
+    def run(*args: Any, output_slots: slice | None = None, **kwargs: Any) -> Any:
+        hidden = forward(*args, **kwargs)
+        return hidden if output_slots is None else hidden[:, output_slots]
+
+    return run
+
+
+FULL_BLOCK = "draft: drafter layers, every slot through the last layer"
+
+
 def install_timers(target: Any, drafter: Any) -> dict:
     """Wrap each piece once; returns the state the caller sets per generate call (``calls=0`` and ``plain``). A
     target forward is a prefill when it is the first of its call; in plain calls the others are decode forwards.
@@ -79,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--compare-full-block", action="store_true",
+                        help="also time the drafter with every block slot through its last layer")
     args = parser.parse_args()
     target, tokenizer, drafter = load_default_pair()
     prompts = [torch.tensor([chat_prompt_ids(tokenizer, p)]) for p in load_prompt_file(None, args.num_prompts)]
@@ -87,9 +107,15 @@ def main() -> None:
     plan.measure = timed("few-row plan timing", plan.measure)
     target.generate(prompts[0], assistant_model=drafter, **{**common, "max_new_tokens": 16})  # warm-up
     target.generate(prompts[0], **{**common, "max_new_tokens": 4})
+    if args.compare_full_block:  # its own few-row products get their plan entries here, not inside its timer
+        shipped_forward, drafter.forward = drafter.forward, full_block(drafter.forward)
+        target.generate(prompts[0], assistant_model=drafter, **{**common, "max_new_tokens": 16})
+        drafter.forward = shipped_forward
     warm_up = (len(plan.choices), spent["few-row plan timing"])
+    full_block_forward = timed(FULL_BLOCK, full_block(drafter.forward))
     state = install_timers(target, drafter)
     accepted: list[int] = []
+    full_block_steps = 0
     plain_tokens = 0
     draft_s = verify_s = plain_s = 0.0
     for ids in prompts:
@@ -99,6 +125,13 @@ def main() -> None:
         accepted += stats.acceptance_lengths
         draft_s += stats.draft_time_s
         verify_s += stats.verify_time_s
+        if args.compare_full_block:  # once more, only the drafter's layers counted
+            others, shipped_forward = dict(spent), drafter.forward
+            drafter.forward = full_block_forward
+            target.generate(ids, assistant_model=drafter, **common)
+            drafter.forward = shipped_forward
+            full_block_steps += len(drafter.last_stats.acceptance_lengths)
+            spent.update({name: seconds for name, seconds in others.items() if name != FULL_BLOCK})
         state.update(calls=0, plain=True)
         start = time.perf_counter()
         out = target.generate(ids, **common)
@@ -134,6 +167,10 @@ def main() -> None:
     print(f"{'one plain token (prefill excluded), same prompts':<58}{plain_ms:>9.2f}"
           f"   step = {step_ms / plain_ms:.2f}x a plain token")
     print(f"{'  of which the plain decode forward':<58}{1e3 * spent['plain: decode forward'] / plain_tokens:>9.2f}")
+    if full_block_steps:
+        print(f"drafter layers per step: {1e3 * spent['draft: drafter layers'] / steps:.2f} ms with only the verified "
+              f"slots through the last layer, {1e3 * spent[FULL_BLOCK] / full_block_steps:.2f} ms with every slot "
+              f"({full_block_steps} steps), same prompts, interleaved")
     print(f"few-row plan: {len(plan.choices)} products timed in {spent['few-row plan timing']:.2f} s in all, "
           f"{warm_up[0]} of them ({warm_up[1]:.2f} s) in the 16-token warm-up call")
 
