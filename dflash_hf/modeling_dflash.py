@@ -147,12 +147,12 @@ class DFlashAttention(nn.Module):
             )
         k = torch.cat((k_ctx, k_blk), dim=2)
         v = torch.cat((v_ctx, v_blk), dim=2)
-        key_positions = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
         if attention_bias is None:
-            attention_bias = self._inference_bias(query_positions, key_positions, q.dtype)
+            attention_bias = self._inference_bias(query_positions, context_positions, block_positions, q.dtype)
         else:
             attention_bias = attention_bias[:, :, slots]
             if self.sliding_window is not None or self.block_causal:
+                key_positions = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
                 hidden = ~self._layer_visibility(query_positions, key_positions)
                 attention_bias = attention_bias.masked_fill(hidden[:, None], torch.finfo(attention_bias.dtype).min)
         groups = self.num_heads // self.num_kv_heads
@@ -193,12 +193,15 @@ class DFlashAttention(nn.Module):
         return cache.keys[i], cache.values[i], cache.positions[i]
 
     def _inference_bias(
-        self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype
+        self, query_positions: torch.Tensor, context_positions: torch.Tensor, block_positions: torch.Tensor,
+        dtype: torch.dtype,
     ) -> torch.Tensor | None:
-        """Additive mask [B, 1, Q, K]: padding (position -1) is hidden, and this layer's rules apply."""
-        has_padding = bool((key_positions < 0).any())  # block slots never sit at -1: only context padding does
+        """Additive mask [B, 1, Q, C + block] over ``cat(context, block)`` keys for the ``query_positions`` slots:
+        padding (position -1) is hidden, and this layer's rules apply; None when nothing is hidden."""
+        has_padding = bool((context_positions < 0).any()) if context_positions.numel() else False
         if self.sliding_window is None and not self.block_causal and not has_padding:
             return None
+        key_positions = torch.cat((context_positions, block_positions), dim=1)  # [B, C + block]
         visible = (key_positions >= 0)[:, None, :] & self._layer_visibility(query_positions, key_positions)
         bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
         bias.masked_fill_(~visible, torch.finfo(dtype).min)
