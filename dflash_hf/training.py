@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -162,16 +162,24 @@ class FeatureDataset(torch.utils.data.Dataset):
     ``spans[i]``: the response spans of example i (one ``[prompt_len, L)`` for single-turn records and for
     shards written before multi-turn records existed); ``teachers[i]``: (top-k ids [L, k], log-probs [L, k]) of the
     target's distribution when ``extract_features(teacher_top_k=...)`` wrote ``teacher-*.safetensors`` beside the features, else
-    None."""
+    None. ``shards`` keeps only those shard numbers (``features-00012.safetensors`` is shard 12), e.g. the shards a
+    grown run added after a drafter was trained."""
 
-    def __init__(self, feature_dir: str | os.PathLike, min_response: int = 2) -> None:
+    def __init__(self, feature_dir: str | os.PathLike, min_response: int = 2,
+                 shards: Iterable[int] | None = None) -> None:
         self.examples: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self.spans: list[list[list[int]]] = []
         self.teachers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        shards = sorted(Path(feature_dir).glob("features-*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"No features-*.safetensors in {feature_dir}; run feature extraction first.")
-        for shard in shards:
+        self.sources: list[tuple[int, int]] = []  # (shard number, record in the shard) of each example
+        paths = sorted(Path(feature_dir).glob("features-*.safetensors"))
+        if shards is not None:
+            wanted = set(shards)
+            paths = [path for path in paths if int(path.stem.split("-")[1]) in wanted]
+        if not paths:
+            raise FileNotFoundError(f"No features-*.safetensors in {feature_dir}"
+                                    + (f" among shards {sorted(wanted)}" if shards is not None else "")
+                                    + "; run feature extraction first.")
+        for shard in paths:
             teacher = _load_teacher(shard.with_name(shard.name.replace("features-", "teacher-")))
             with safe_open(str(shard), framework="pt") as handle:
                 metadata = handle.metadata()
@@ -184,6 +192,7 @@ class FeatureDataset(torch.utils.data.Dataset):
                         self.examples.append((ids, handle.get_tensor(f"taps_{i}"), prompt_len))
                         self.spans.append(spans)
                         self.teachers.append(None if teacher is None else teacher[i])
+                        self.sources.append((int(shard.stem.split("-")[1]), i))
         self.layer_ids = json.loads((Path(feature_dir) / "features.json").read_text())["layer_ids"]
 
     @property
@@ -333,6 +342,39 @@ def block_loss(
         # tokens a block would get accepted: the length of its leading run of correct drafts (+1 bonus)
         accept = hits.int().cumprod(dim=1).sum(dim=1).float().mean() + 1
     return loss, {"loss": float(loss.detach()), "acc_slot1": float(hits[:, 0].float().mean()), "accept_len": float(accept)}
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(
+    drafter: Any, target: Any, dataset: FeatureDataset, num_anchors: int = 64, seed: int = 0,
+) -> dict:
+    """The drafter's acceptance on cached features with the target's own tokens as context (no decoding): the
+    anchor-weighted mean of ``block_loss``'s acceptance and slot-1 accuracy over every example, the anchors of an
+    example drawn from ``seed`` and its shard and place in it. Compare it on shards trained on and shards never trained on to see how much
+    of the training-time acceptance generalises; the online decode loop stays the measurement users get."""
+    embed = target.get_input_embeddings()
+    lm_head = DraftHead(target.get_output_embeddings(), getattr(drafter.config, "draft_vocab", None))
+    weights = loss_weights(drafter.config.block_size)
+    was_training = drafter.training
+    drafter.eval()
+    totals = {"accept_len": 0.0, "acc_slot1": 0.0}
+    blocks = 0
+    for index in range(len(dataset)):
+        ids, taps, prompt_len = dataset[index]
+        spans = dataset.spans[index]
+        shard, record = dataset.sources[index]  # anchors follow the example, whichever shards are loaded
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + shard) * 100_003 + record)
+        anchors = sample_anchors(prompt_len, ids.shape[0], num_anchors, generator, spans)
+        if anchors.numel() == 0:
+            continue
+        _, metrics = block_loss(drafter, embed, lm_head, ids, taps, anchors, weights, anchor_label_ends(anchors, spans))
+        for key in totals:
+            totals[key] += metrics[key] * anchors.numel()
+        blocks += anchors.numel()
+    drafter.train(was_training)
+    if blocks == 0:
+        raise ValueError("No example in the dataset has a response long enough to draw an anchor from.")
+    return {key: value / blocks for key, value in totals.items()} | {"blocks": blocks, "examples": len(dataset)}
 
 
 def _teacher_cross_entropy(log_q: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], labels_pos: torch.Tensor,
@@ -528,6 +570,7 @@ __all__ = [
     "vocabulary_coverage",
     "loss_weights",
     "sample_anchors",
+    "teacher_forced_acceptance",
     "summarize_run",
     "train_drafter",
 ]

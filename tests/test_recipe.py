@@ -21,6 +21,7 @@ from dflash_hf.training import (
     draft_vocabulary,
     extract_features,
     loss_weights,
+    teacher_forced_acceptance,
     train_drafter,
     vocabulary_coverage,
 )
@@ -196,3 +197,37 @@ def test_distillation_without_teacher_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         train_drafter(_drafter(target), target, FeatureDataset(tmp_path / "features"), tmp_path / "run",
                       TrainConfig(steps=1, distill=0.5))
+
+
+def test_feature_dataset_keeps_only_the_shards_asked_for(run):
+    root, _ = run
+    everything = FeatureDataset(root / "features")
+    middle = FeatureDataset(root / "features", shards=[1])
+    assert len(everything) == 24 and len(middle) == 8  # write_shards put 8 records in each of shards 0, 1, 2
+    for i in range(8):
+        assert torch.equal(middle[i][0], everything[8 + i][0])
+    with pytest.raises(FileNotFoundError, match=r"among shards \[7\]"):
+        FeatureDataset(root / "features", shards=[7])
+
+
+def test_teacher_forced_acceptance_weights_examples_by_anchors_and_tracks_training(run, tmp_path):
+    root, target = run
+    drafter = _drafter(target)
+    parts = [teacher_forced_acceptance(drafter, target, FeatureDataset(root / "features", shards=[k]), 8)
+             for k in (0, 1)]
+    both = teacher_forced_acceptance(drafter, target, FeatureDataset(root / "features", shards=[0, 1]), 8)
+    assert both["blocks"] == parts[0]["blocks"] + parts[1]["blocks"]
+    expected = sum(p["accept_len"] * p["blocks"] for p in parts) / both["blocks"]
+    assert both["accept_len"] == pytest.approx(expected)
+    assert 1.0 <= both["accept_len"] <= drafter.config.block_size
+
+    seen = FeatureDataset(root / "features", shards=[0, 1])
+    before = {n: p.clone() for n, p in drafter.named_parameters()}
+    train_drafter(drafter.train(), target, seen, tmp_path / "run",
+                  TrainConfig(steps=120, batch_size=2, num_anchors=8, lr=3e-3, save_every=1000, warmup_ratio=0.05))
+    trained = {n: p.clone() for n, p in drafter.named_parameters()}
+    after = teacher_forced_acceptance(drafter.train(), target, seen, 8)
+    assert drafter.training  # the evaluation hands the drafter back in the mode it got it
+    assert all(torch.equal(p, trained[n]) for n, p in drafter.named_parameters())  # and changes no weight
+    assert any(not torch.equal(p, before[n]) for n, p in drafter.named_parameters())
+    assert after["accept_len"] > both["accept_len"] + 0.1, (both, after)
