@@ -3,12 +3,14 @@
 Teacher-forced acceptance (the target's own tokens as context, as the trainer measures it) on the feature shards the
 drafter was trained on, against the same measurement on shards a grown run added afterwards (same source, same split,
 never trained on). A large gap says the drafter memorises its data and more data is the lever; a small gap with a
-low online acceptance would point at a difference between training and decoding instead.
+low online acceptance would point at a difference between training and decoding instead. The number to hold
+against the online acceptance of the decode loop is the decode-weighted one (``teacher_forced_acceptance``: steps
+land more often where acceptance is low).
 
     python benchmarks/generalization_gap.py --run /work/runs/sg --drafter hub_upload/SmolLM2-135M-Instruct-DFlash \
         --trained 12-27 --unseen 32-47
 
-Writes ``RUN/generalization_gap.json`` (one entry per drafter, replaced on rerun).
+Writes ``RUN/generalization_gap.json`` (one entry per drafter and pair of shard ranges, replaced on rerun).
 """
 
 from __future__ import annotations
@@ -61,14 +63,21 @@ def main() -> None:
         entry[name] = {"shards": f"{shards.start}-{shards.stop - 1}", **{k: round(v, 4) if isinstance(v, float) else v
                                                                      for k, v in result.items()}}
         print(f"{name:>8}: shards {entry[name]['shards']}, {result['examples']} sequences, {result['blocks']} blocks: "
-              f"teacher-forced τ {result['accept_len']:.3f}, slot-1 accuracy {result['acc_slot1']:.3f} "
+              f"teacher-forced τ {result['accept_len']:.3f} (decode-weighted {result['decode_weighted_accept_len']:.3f}), "
+              f"slot-1 accuracy {result['acc_slot1']:.3f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     entry["gap"] = round(entry["trained"]["accept_len"] - entry["unseen"]["accept_len"], 4)
     print(f"gap: {entry['gap']:.3f} ({entry['cpu']})")
     path = args.run / "generalization_gap.json"
     entries = json.loads(path.read_text()) if path.exists() else []
-    entries = [e for e in entries if e["drafter"] != entry["drafter"]] + [entry]
+    same = ("drafter", "trained", "unseen")
+    entries = [e for e in entries if any(_key(e, k) != _key(entry, k) for k in same)] + [entry]
     atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
+
+
+def _key(entry: dict, key: str) -> str:
+    value = entry[key]
+    return value["shards"] if isinstance(value, dict) else value
 
 
 if __name__ == "__main__":

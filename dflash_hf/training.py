@@ -188,7 +188,8 @@ class FeatureDataset(torch.utils.data.Dataset):
                 for i, prompt_len in enumerate(prompt_lens):
                     ids = handle.get_tensor(f"ids_{i}")
                     spans = all_spans[i] if all_spans is not None else [[prompt_len, ids.shape[0]]]
-                    if sum(end - start for start, end in spans) >= min_response:
+                    # an anchor needs its next token inside the same response: one answer of 2+ tokens at least
+                    if max((end - start for start, end in spans), default=0) >= max(min_response, 2):
                         self.examples.append((ids, handle.get_tensor(f"taps_{i}"), prompt_len))
                         self.spans.append(spans)
                         self.teachers.append(None if teacher is None else teacher[i])
@@ -340,8 +341,9 @@ def block_loss(
     with torch.no_grad():
         hits = (logits.argmax(-1) == labels) & valid  # [N, B-1]
         # tokens a block would get accepted: the length of its leading run of correct drafts (+1 bonus)
-        accept = hits.int().cumprod(dim=1).sum(dim=1).float().mean() + 1
-    return loss, {"loss": float(loss.detach()), "acc_slot1": float(hits[:, 0].float().mean()), "accept_len": float(accept)}
+        accept = hits.int().cumprod(dim=1).sum(dim=1).float() + 1  # [N]
+    return loss, {"loss": float(loss.detach()), "acc_slot1": float(hits[:, 0].float().mean()),
+                  "accept_len": float(accept.mean()), "inverse_accept_len": float(accept.reciprocal().mean())}
 
 
 @torch.no_grad()
@@ -349,15 +351,20 @@ def teacher_forced_acceptance(
     drafter: Any, target: Any, dataset: FeatureDataset, num_anchors: int = 64, seed: int = 0,
 ) -> dict:
     """The drafter's acceptance on cached features with the target's own tokens as context (no decoding): the
-    anchor-weighted mean of ``block_loss``'s acceptance and slot-1 accuracy over every example, the anchors of an
-    example drawn from ``seed`` and its shard and place in it. Compare it on shards trained on and shards never trained on to see how much
-    of the training-time acceptance generalises; the online decode loop stays the measurement users get."""
+    anchor-weighted means of ``block_loss``'s acceptance and slot-1 accuracy over every example, the anchors of an
+    example drawn from ``seed`` and its shard and place in it. Compare it on shards trained on and shards never
+    trained on to see how much of the training-time acceptance generalises.
+
+    ``accept_len`` averages over positions. A decode loop starts each step where the last one ended, so it steps
+    through a hard stretch one token at a time and over an easy one in a few steps: its mean acceptance (tokens per
+    step) is the mean over positions weighted by 1/τ, ``decode_weighted_accept_len`` = 1 / mean(1/τ), never above
+    ``accept_len``. The online decode loop stays the measurement users get."""
     embed = target.get_input_embeddings()
     lm_head = DraftHead(target.get_output_embeddings(), getattr(drafter.config, "draft_vocab", None))
     weights = loss_weights(drafter.config.block_size)
     was_training = drafter.training
     drafter.eval()
-    totals = {"accept_len": 0.0, "acc_slot1": 0.0}
+    totals = {"accept_len": 0.0, "acc_slot1": 0.0, "inverse_accept_len": 0.0}
     blocks = 0
     for index in range(len(dataset)):
         ids, taps, prompt_len = dataset[index]
@@ -374,7 +381,9 @@ def teacher_forced_acceptance(
     drafter.train(was_training)
     if blocks == 0:
         raise ValueError("No example in the dataset has a response long enough to draw an anchor from.")
-    return {key: value / blocks for key, value in totals.items()} | {"blocks": blocks, "examples": len(dataset)}
+    means = {key: value / blocks for key, value in totals.items()}
+    return {"accept_len": means["accept_len"], "decode_weighted_accept_len": 1 / means["inverse_accept_len"],
+            "acc_slot1": means["acc_slot1"], "blocks": blocks, "examples": len(dataset)}
 
 
 def _teacher_cross_entropy(log_q: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], labels_pos: torch.Tensor,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import dflash_hf.cli as cli
 import dflash_hf.prompt_sources as sources
-from dflash_hf.data import chat_ids, generate_responses, load_records, regenerate
+from dflash_hf.data import chat_ids, generate_responses, load_records, regenerate, write_shards
 from dflash_hf.machine import parse_cpuinfo
 from dflash_hf.prompt_sources import ParseReport, iter_json_array, load_sharegpt, split_of
 from dflash_hf.training import (
@@ -295,6 +295,27 @@ def test_multi_turn_records_train_on_every_answer_span(tokenizer, tmp_path):
                            num_anchors=4, save_every=10))
     assert result["final_step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
 
+
+
+def test_a_conversation_of_one_token_answers_is_left_out_of_training(tmp_path):
+    """Two answers of one token each give 2 response tokens but no anchor (its next token would be in the next
+    turn's prompt): the dataset leaves the record out instead of handing the trainer an empty block list."""
+    target = make_target("llama", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    records = [
+        {"input_ids": ids(12), "prompt_len": 3, "response_spans": [[3, 4], [8, 9]]},  # no anchor anywhere
+        {"input_ids": ids(12), "prompt_len": 3, "response_spans": [[3, 4], [8, 12]]},  # anchors in the second
+        {"input_ids": ids(12), "prompt_len": 3},
+    ]
+    write_shards(records, tmp_path / "data", shard_size=8)
+    drafter = make_drafter(target, block_size=4).float()
+    extract_features(target, tmp_path / "data", tmp_path / "features", drafter.config.target_layer_ids)
+    dataset = FeatureDataset(tmp_path / "features")
+    assert dataset.spans == [[[3, 4], [8, 12]], [[3, 12]]]
+    result = train_drafter(drafter, target, dataset, tmp_path / "run", TrainConfig(steps=4, batch_size=2,
+                           num_anchors=64, save_every=10))
+    assert result["final_step"] == 4
 
 # ---------------------------------------------------------------------------------------------------------------
 # HumanEval is a benchmark

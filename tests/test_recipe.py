@@ -220,6 +220,7 @@ def test_teacher_forced_acceptance_weights_examples_by_anchors_and_tracks_traini
     expected = sum(p["accept_len"] * p["blocks"] for p in parts) / both["blocks"]
     assert both["accept_len"] == pytest.approx(expected)
     assert 1.0 <= both["accept_len"] <= drafter.config.block_size
+    assert 1.0 <= both["decode_weighted_accept_len"] <= both["accept_len"]  # a harmonic mean never exceeds the mean
 
     seen = FeatureDataset(root / "features", shards=[0, 1])
     before = {n: p.clone() for n, p in drafter.named_parameters()}
@@ -231,3 +232,4 @@ def test_teacher_forced_acceptance_weights_examples_by_anchors_and_tracks_traini
     assert all(torch.equal(p, trained[n]) for n, p in drafter.named_parameters())  # and changes no weight
     assert any(not torch.equal(p, before[n]) for n, p in drafter.named_parameters())
     assert after["accept_len"] > both["accept_len"] + 0.1, (both, after)
+    assert after["decode_weighted_accept_len"] < after["accept_len"]  # a trained drafter's τ varies by position
