@@ -174,7 +174,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         paths = sorted(Path(feature_dir).glob("features-*.safetensors"))
         if shards is not None:
             wanted = set(shards)
-            paths = [path for path in paths if int(path.stem.split("-")[1]) in wanted]
+            paths = [path for path in paths if _shard_number(path) in wanted]
         if not paths:
             raise FileNotFoundError(f"No features-*.safetensors in {feature_dir}"
                                     + (f" among shards {sorted(wanted)}" if shards is not None else "")
@@ -193,7 +193,7 @@ class FeatureDataset(torch.utils.data.Dataset):
                         self.examples.append((ids, handle.get_tensor(f"taps_{i}"), prompt_len))
                         self.spans.append(spans)
                         self.teachers.append(None if teacher is None else teacher[i])
-                        self.sources.append((int(shard.stem.split("-")[1]), i))
+                        self.sources.append((_shard_number(shard), i))
         self.layer_ids = json.loads((Path(feature_dir) / "features.json").read_text())["layer_ids"]
 
     @property
@@ -205,6 +205,11 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.examples[index]
+
+
+def _shard_number(path: Path) -> int:
+    """``features-00012.safetensors`` -> 12."""
+    return int(path.stem.split("-")[1])
 
 
 def _load_teacher(path: Path) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
