@@ -60,8 +60,8 @@ def main() -> None:
         started = time.perf_counter()
         dataset = FeatureDataset(args.run / "features", shards=shards)
         result = teacher_forced_acceptance(drafter, target, dataset, args.num_anchors)
-        entry[name] = {"shards": f"{shards.start}-{shards.stop - 1}", **{k: round(v, 4) if isinstance(v, float) else v
-                                                                     for k, v in result.items()}}
+        rounded = {key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}
+        entry[name] = {"shards": f"{shards.start}-{shards.stop - 1}", **rounded}
         print(f"{name:>8}: shards {entry[name]['shards']}, {result['examples']} sequences, {result['blocks']} blocks: "
               f"teacher-forced τ {result['accept_len']:.3f} (decode-weighted {result['decode_weighted_accept_len']:.3f}), "
               f"slot-1 accuracy {result['acc_slot1']:.3f} "
@@ -70,14 +70,12 @@ def main() -> None:
     print(f"gap: {entry['gap']:.3f} ({entry['cpu']})")
     path = args.run / "generalization_gap.json"
     entries = json.loads(path.read_text()) if path.exists() else []
-    same = ("drafter", "trained", "unseen")
-    entries = [e for e in entries if any(_key(e, k) != _key(entry, k) for k in same)] + [entry]
+    entries = [e for e in entries if _key(e) != _key(entry)] + [entry]
     atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
 
 
-def _key(entry: dict, key: str) -> str:
-    value = entry[key]
-    return value["shards"] if isinstance(value, dict) else value
+def _key(entry: dict) -> tuple[str, str, str]:
+    return entry["drafter"], entry["trained"]["shards"], entry["unseen"]["shards"]
 
 
 if __name__ == "__main__":

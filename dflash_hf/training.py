@@ -367,6 +367,8 @@ def teacher_forced_acceptance(
     embed = target.get_input_embeddings()
     lm_head = DraftHead(target.get_output_embeddings(), getattr(drafter.config, "draft_vocab", None))
     weights = loss_weights(drafter.config.block_size)
+    if len(dataset) == 0:
+        raise ValueError("The dataset holds no example with an answer long enough to draw an anchor from.")
     was_training = drafter.training
     drafter.eval()
     totals = {"accept_len": 0.0, "acc_slot1": 0.0, "inverse_accept_len": 0.0}
@@ -376,16 +378,12 @@ def teacher_forced_acceptance(
         spans = dataset.spans[index]
         shard, record = dataset.sources[index]  # anchors follow the example, whichever shards are loaded
         generator = torch.Generator().manual_seed((seed * 1_000_003 + shard) * 100_003 + record)
-        anchors = sample_anchors(prompt_len, ids.shape[0], num_anchors, generator, spans)
-        if anchors.numel() == 0:
-            continue
+        anchors = sample_anchors(prompt_len, ids.shape[0], num_anchors, generator, spans)  # never empty here
         _, metrics = block_loss(drafter, embed, lm_head, ids, taps, anchors, weights, anchor_label_ends(anchors, spans))
         for key in totals:
             totals[key] += metrics[key] * anchors.numel()
         blocks += anchors.numel()
     drafter.train(was_training)
-    if blocks == 0:
-        raise ValueError("No example in the dataset has a response long enough to draw an anchor from.")
     means = {key: value / blocks for key, value in totals.items()}
     return {"accept_len": means["accept_len"], "decode_weighted_accept_len": 1 / means["inverse_accept_len"],
             "acc_slot1": means["acc_slot1"], "blocks": blocks, "examples": len(dataset)}

@@ -296,7 +296,6 @@ def test_multi_turn_records_train_on_every_answer_span(tokenizer, tmp_path):
     assert result["final_step"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
 
 
-
 def test_a_conversation_of_one_token_answers_is_left_out_of_training(tmp_path):
     """Two answers of one token each give 2 response tokens but no anchor (its next token would be in the next
     turn's prompt): the dataset leaves the record out instead of handing the trainer an empty block list."""
@@ -316,6 +315,7 @@ def test_a_conversation_of_one_token_answers_is_left_out_of_training(tmp_path):
     result = train_drafter(drafter, target, dataset, tmp_path / "run", TrainConfig(steps=4, batch_size=2,
                            num_anchors=64, save_every=10))
     assert result["final_step"] == 4
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # HumanEval is a benchmark
