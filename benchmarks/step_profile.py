@@ -11,7 +11,11 @@ the few-row plan (``FewRowPlan``) in this process.
 (what the drafter did before ``output_slots``: only the verified slots need it) and prints both drafter-layer costs
 per step, measured side by side on the same prompts.
 
+``--drafter-dtype bfloat16`` profiles a bfloat16 drafter of the float32 target (what ``--drafter-dtype auto`` picks
+where it measures faster).
+
     python benchmarks/step_profile.py [--num-prompts 4] [--max-new-tokens 96] [--compare-full-block]
+        [--drafter-dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -99,8 +103,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--compare-full-block", action="store_true",
                         help="also time the drafter with every block slot through its last layer")
+    parser.add_argument("--drafter-dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
-    target, tokenizer, drafter = load_default_pair()
+    target, tokenizer, drafter = load_default_pair(drafter_dtype=getattr(torch, args.drafter_dtype))
     prompts = [torch.tensor([chat_prompt_ids(tokenizer, p)]) for p in load_prompt_file(None, args.num_prompts)]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     plan = matmul.measured_plan()  # the few-row plan DFlash's forwards consult: its one-time cost is printed too
@@ -157,8 +162,8 @@ def main() -> None:
     plain_ms = 1e3 * plain_s / max(1, plain_tokens)
     cpu = cpu_facts()
     print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
-          f"{cpu['avx512_bf16']}); {torch.get_num_threads()} threads; {len(prompts)} prompts, {steps} DFlash steps, "
-          f"mean acceptance {sum(accepted) / steps:.2f}")
+          f"{cpu['avx512_bf16']}); {torch.get_num_threads()} threads; {args.drafter_dtype} drafter; {len(prompts)} "
+          f"prompts, {steps} DFlash steps, mean acceptance {sum(accepted) / steps:.2f}")
     print(f"{'piece':<58}{'ms/step':>9}{'% of step':>11}")
     for name, seconds in rows:
         ms = 1e3 * seconds / steps

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import chat_prompt_ids, load_prompts
 from .fileio import atomic_file, atomic_write_text
 from .generation_dflash import max_drafts_per_step
-from .matmul_dflash import few_row_linear
+from .matmul_dflash import few_row_products, routed_linears
 from .modeling_dflash import DraftCache
 from .cache_dflash import crop_cache
 from .transformers_compat import cache_from_output, forward_cache_kwarg
@@ -132,11 +132,11 @@ def two_row_forward_ms(target: Any, ids: torch.Tensor, repeats: int = 9) -> floa
         return None
     cache_kwarg = forward_cache_kwarg(target)
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), routed_linears(target):
         cache = cache_from_output(target(input_ids=ids, use_cache=True))
         for _ in range(repeats):
             start = time.perf_counter()
-            with few_row_linear(ids.device):
+            with few_row_products(ids.device):
                 target(input_ids=ids[:, -2:], use_cache=True, **{cache_kwarg: cache})
             times.append(time.perf_counter() - start)
             crop_cache(cache, 2)

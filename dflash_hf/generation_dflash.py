@@ -41,7 +41,7 @@ from .cache_dflash import (
     resume_draft_context,
     select_cache_rows,
 )
-from .matmul_dflash import few_row_linear
+from .matmul_dflash import few_row_products, planned_linear, routed_linears
 from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, layer_output_hidden, make_generate_output
 from .verify_dflash import SAMPLING_MODES, BatchProcessorView, BlockVerifier
 
@@ -326,7 +326,7 @@ class DraftSession:
         offsets = torch.arange(self.block_size, device=anchor_position.device)
         block_positions = anchor_position[:, None] + offsets  # [R, B]
         embeds = self.embed(block.to(self.embed.weight.device))
-        with few_row_linear(self.device, self.options.few_row_matmul_on_cpu):
+        with few_row_products(self.device, self.options.few_row_matmul_on_cpu):
             hidden = self.drafter(
                 embeds.to(self.device),
                 context_taps.to(self.device),
@@ -344,7 +344,8 @@ class DraftSession:
         The full-vocabulary tensor is one buffer per session, filled with -inf once: each block writes only the
         draft vocabulary's columns, so the rest stay -inf. What is returned is valid until the next call."""
         head, vocab = self.draft_head()
-        logits = head(hidden.to(device=head.weight.device, dtype=head.weight.dtype))
+        hidden = hidden.to(device=head.weight.device, dtype=head.weight.dtype)
+        logits = planned_linear(hidden, head.weight, head.bias) if type(head) is nn.Linear else head(hidden)
         if vocab is None:
             return logits
         rows, slots = logits.shape[:2]
@@ -568,7 +569,7 @@ def run_dflash_decoding(
         stats.num_target_forwards += 1
         for r in state.live if stats.rows else ():
             stats.rows[r].num_target_forwards += 1
-        with few_row_linear(device, False if prefill else options.few_row_matmul_on_cpu):
+        with few_row_products(device, False if prefill else options.few_row_matmul_on_cpu):
             return target(input_ids=tokens, **kwargs).logits
 
     def commit(i: int, tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
@@ -594,7 +595,8 @@ def run_dflash_decoding(
             streamer.put(tokens.cpu())
         return False
 
-    with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad():
+    with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad(), \
+            routed_linears(target):
         # Prefill: only the prompt tokens the cache does not hold yet (all of them unless it came filled).
         t0 = time.perf_counter()
         logits = forward(input_ids[:, cached:], prompt_positions, prefill=True)[:, -1:]  # [R, 1, V]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -34,24 +36,51 @@ def test_the_plan_takes_blas_only_when_clearly_faster():
     assert plan.timings[(6, 4, 3, False)] == (0.95, 1.0)
 
 
-def test_the_mode_routes_what_the_plan_says(monkeypatch):
+def routing_log(monkeypatch) -> list:
     routed = []
     original = core.linear_for_few_rows
     monkeypatch.setattr(core, "linear_for_few_rows", lambda x, *a: routed.append(tuple(x.shape)) or original(x, *a))
+    return routed
+
+
+def test_planned_products_follow_the_plan(monkeypatch):
+    routed = routing_log(monkeypatch)
     plan = core.FewRowPlan(measure=FakeTimings({2: (1.0, 2.0), 3: (2.0, 1.0)}))
-    layer = torch.nn.Linear(8, 4)
-    with core.FewRowLinearMode(plan):
+    layer = core.FewRowLinear(8, 4)
+    monkeypatch.setattr(core, "measured_plan", lambda: plan)
+    with core.few_row_products(torch.device("cpu"), True):
         for rows in (2, 3, 1):
             x = torch.randn(rows, 8)
             torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
     assert routed == [(3, 8)]  # 2 rows: BLAS was faster; 1 row: never routed
+    layer(torch.randn(3, 8))  # no plan is current outside few_row_products
+    assert routed == [(3, 8)]
 
 
 def test_settings_pick_the_plan():
     cpu = torch.device("cpu")
-    assert isinstance(core.few_row_linear(cpu, "always").plan, core.AlwaysRoutine)
-    assert not isinstance(core.few_row_linear(cpu, False), core.FewRowLinearMode)
-    assert not isinstance(core.few_row_linear(torch.device("meta"), True), core.FewRowLinearMode)
+    assert isinstance(core._plan_for(cpu, "always"), core.AlwaysRoutine)
+    assert core._plan_for(cpu, False) is None and core._plan_for(torch.device("meta"), True) is None
+
+
+def test_the_plan_is_per_thread_and_the_routing_lasts_while_anyone_holds_it(monkeypatch):
+    routed = routing_log(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    hooked = model[1]
+    hooked.forward = lambda x: torch.nn.functional.linear(x, hooked.weight, hooked.bias)  # as accelerate's hooks do
+    x = torch.randn(3, 8)
+    with core.routed_linears(model):
+        with core.routed_linears(model):  # a second generate call on the same target, concurrently
+            pass
+        other: list = []
+        worker = threading.Thread(target=lambda: other.append(model(x)))  # a plain generate in another thread
+        with core.few_row_products(torch.device("cpu"), "always"):
+            worker.start()
+            worker.join()
+            assert routed == []  # that thread has no plan: BLAS, bit for bit
+            model(x)
+        assert routed == [(3, 8)]  # the first layer only: the hooked one keeps its own forward
+    assert "forward" not in model[0].__dict__ and hooked.__dict__["forward"] is not None
 
 
 def test_the_measured_plan_is_one_per_thread_count(monkeypatch):
@@ -65,7 +94,7 @@ def test_the_measured_plan_is_one_per_thread_count(monkeypatch):
         assert core.measured_plan() is not plan  # timings change with the thread count
     finally:
         torch.set_num_threads(threads)
-    assert core.few_row_linear(torch.device("cpu"), True).plan is plan
+    assert core._plan_for(torch.device("cpu"), True) is plan
 
 
 def test_real_timing_returns_both_products_and_leaves_the_global_generator_alone():

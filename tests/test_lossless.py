@@ -257,22 +257,25 @@ def test_few_row_linear_equals_the_linear_layer(rows, bias):
     torch.testing.assert_close(out, layer(x))
 
 
-def test_few_row_mode_routes_only_small_float32_cpu_products(monkeypatch):
+def test_routed_linears_route_only_small_float32_cpu_products(monkeypatch):
     import dflash_hf.matmul_dflash as core
 
     routed = []
     original = core.linear_for_few_rows
     monkeypatch.setattr(core, "linear_for_few_rows", lambda x, *a: routed.append(tuple(x.shape)) or original(x, *a))
     layer = torch.nn.Linear(8, 4)
-    with core.few_row_linear(torch.device("cpu")):
+    with core.routed_linears(layer), core.few_row_products(torch.device("cpu")):
         for shape in [(1, 1, 8), (2, 8), (1, 16, 8), (17, 8), (2, 3, 8)]:
             x = torch.randn(shape)
             torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
         layer.double()(torch.ones(4, 8, dtype=torch.float64))  # float64: BLAS's own product
     assert routed == [(2, 8), (1, 16, 8), (2, 3, 8)]  # 1 row and 17 rows are left to BLAS
-    layer.float()(torch.ones(4, 8))  # outside the mode nothing is routed
+    assert "forward" not in layer.__dict__  # the layer is itself again
+    layer.float()(torch.ones(4, 8))  # outside nothing is routed
     assert len(routed) == 3
-    assert not isinstance(core.few_row_linear(torch.device("meta")), core.FewRowLinearMode)
+    with core.routed_linears(layer), core.few_row_products(torch.device("meta")):
+        layer(torch.ones(4, 8))  # off CPU there is no plan
+    assert len(routed) == 3
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -295,6 +298,7 @@ def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypa
     fast = target.generate(prompt, max_new_tokens=24, do_sample=False, assistant_model=drafter)
     assert torch.equal(fast, plain)
     assert bool(routed) == bool(enabled) and all(2 <= torch.Size(s).numel() // s[-1] <= 16 for s in routed)
+    assert not any("forward" in m.__dict__ for m in target.modules())  # the target's layers are restored
 
 
 def test_lower_precision_drafter_is_lossless_and_casts_the_head_once():

@@ -29,6 +29,7 @@ from .generation_dflash import (
     target_decoder_layers,
     validate_pair,
 )
+from .matmul_dflash import FewRowLinear
 from .patch_dflash import install_generate_patch
 
 
@@ -94,10 +95,10 @@ class DFlashAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = FewRowLinear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = FewRowLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = FewRowLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = FewRowLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = DFlashRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
@@ -118,7 +119,7 @@ class DFlashAttention(nn.Module):
         hidden_states: torch.Tensor,
         context: torch.Tensor,
         rope_block: tuple[torch.Tensor, torch.Tensor],
-        rope_context: tuple[torch.Tensor, torch.Tensor],
+        rope_keys: tuple[torch.Tensor, torch.Tensor],
         block_positions: torch.Tensor,
         context_positions: torch.Tensor,
         cache: DraftCache | None,
@@ -126,6 +127,7 @@ class DFlashAttention(nn.Module):
         query_slots: slice | None = None,
     ) -> torch.Tensor:
         """hidden_states: [B, Q, H] (normed block); context: [B, C, H] new context features (C may be 0).
+        rope_block: cos, sin [B, Q, head_dim] of the block; rope_keys: the same over ``cat(context, block)``.
 
         With ``attention_bias`` given (training), it is an additive [B or 1, 1, Q, C+Q] mask over
         ``cat(context, block)`` keys and the cache is not used. ``query_slots``: only these block slots query (all
@@ -138,8 +140,11 @@ class DFlashAttention(nn.Module):
         q_len = queries.shape[1]
         q = self.q_norm(self.q_proj(queries).view(bsz, q_len, self.num_heads, self.head_dim)).transpose(1, 2)
         q = apply_rotary(q, rope_block[0][:, slots], rope_block[1][:, slots])
-        k_blk, v_blk = self._project_kv(hidden_states, *rope_block)
-        k_ctx, v_ctx = self._project_kv(context, *rope_context)
+        # The new context and the block in one product each for k and v (the context is often a single row)
+        k_new, v_new = self._project_kv(torch.cat((context, hidden_states), dim=1), *rope_keys)
+        n_ctx = context.shape[1]
+        k_ctx, k_blk = k_new[:, :, :n_ctx], k_new[:, :, n_ctx:]
+        v_ctx, v_blk = v_new[:, :, :n_ctx], v_new[:, :, n_ctx:]
 
         if cache is not None:
             k_ctx, v_ctx, context_positions = self._append_to_cache(
@@ -155,13 +160,21 @@ class DFlashAttention(nn.Module):
                 key_positions = torch.cat((context_positions, block_positions), dim=1)  # [B, C+Q]
                 hidden = ~self._layer_visibility(query_positions, key_positions)
                 attention_bias = attention_bias.masked_fill(hidden[:, None], torch.finfo(attention_bias.dtype).min)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, scale=self.scaling)
+        out = self._grouped_attention(q, k, v, attention_bias)  # [B, heads, Q, head_dim]
         out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+        """SDPA of q [B, heads, Q, D] over k, v [B, kv_heads, K, D] without repeating k and v per query head: the
+        query heads sharing a kv head are stacked as extra query rows of it (head h reads kv head h // groups)."""
+        bsz, _, q_len, dim = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(bsz, self.num_kv_heads, groups * q_len, dim)
+        if bias is not None:
+            bias = bias.repeat(1, 1, groups, 1)  # [B or 1, 1, groups * Q, K]: every group sees the same mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
+        return out.reshape(bsz, self.num_heads, q_len, dim)
 
     def _append_to_cache(
         self,
@@ -222,9 +235,9 @@ class DFlashAttention(nn.Module):
 class DFlashMLP(nn.Module):
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = FewRowLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = FewRowLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = FewRowLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +294,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__(config)
         target_width = config.num_taps * config.target_hidden_size
-        self.fc = nn.Linear(target_width, config.hidden_size, bias=False)
+        self.fc = FewRowLinear(target_width, config.hidden_size, bias=False)
         self.hidden_norm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layers = nn.ModuleList(DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DFlashRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -299,7 +312,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         # The checkpoint's config may carry a default.
         self.num_speculative_tokens: int | None = config.num_speculative_tokens
         # On CPU, verify forwards and drafts may compute float32 linear layers over 2-16 rows as weight @ x^T,
-        # which CPU BLAS often runs far faster than its own few-row product (see FewRowLinearMode). True: where
+        # which CPU BLAS often runs far faster than its own few-row product (see matmul_dflash). True: where
         # this process's timings favour it; "always": for every such product; False: BLAS's own products.
         self.few_row_matmul_on_cpu = True
         self.post_init()
@@ -385,7 +398,7 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         rope_context = self.rotary_emb(context_positions.clamp(min=0), dtype)
         attn_kwargs = dict(
             rope_block=rope_block,
-            rope_context=rope_context,
+            rope_keys=tuple(torch.cat(pair, dim=1) for pair in zip(rope_context, rope_block)),
             block_positions=block_positions,
             context_positions=context_positions,
             cache=cache,
