@@ -5,7 +5,10 @@ for the weight shapes of SmolLM2-135M (the default target) and 1-16 rows, the me
 ``dflash_hf.matmul_dflash.linear_for_few_rows``, measured side by side in one run, and their ratio. Weights
 are cycled through several copies so that every product streams its weight from memory, as in a real forward.
 
-The last column is what the few-row plan (``FewRowPlan``, which DFlash's forwards consult) chooses on this machine
+The bfloat16 column is BLAS's product with the weight and the rows in bfloat16, what a bfloat16 drafter pays
+(``--drafter-dtype auto`` picks that dtype where whole drafts measure clearly faster in it).
+
+The plan column is what the few-row plan (``FewRowPlan``, which DFlash's forwards consult) chooses on this machine
 from its own short timing, taken here as a generate call would take it; the plan's own timing is printed too.
 Run it on an idle machine.
 
@@ -49,26 +52,32 @@ def main() -> None:
     print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
           f"{cpu['avx512_bf16']}); torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7} {'plan':>8}"
-          f" {'plan timing: BLAS / routine (us)':>34}")
+          f" {'plan timing: BLAS / routine (us)':>34} {'bfloat16 x @ W^T (us)':>22}")
     for out_features, in_features in SHAPES:
         copies = max(2, min(64, WEIGHT_POOL_BYTES // (out_features * in_features * 4)))
         weights = [torch.randn(out_features, in_features) for _ in range(copies)]
+        halves = [w.to(torch.bfloat16) for w in weights]  # as many copies: each product streams from memory too
         turn = iter(range(10**9))
 
         def weight() -> torch.Tensor:
             return weights[next(turn) % copies]
 
+        def half_weight() -> torch.Tensor:
+            return halves[next(turn) % len(halves)]
+
         for rows in args.rows:
             x = torch.randn(rows, in_features)
             blas = median_us(lambda: F.linear(x, weight()), args.repeats)
             ours = median_us(lambda: linear_for_few_rows(x, weight()), args.repeats)
+            x16 = x.to(torch.bfloat16)
+            half = median_us(lambda: F.linear(x16, half_weight()), args.repeats)
             choice, timing = "-", ""
             if rows in FEW_ROWS:
                 choice = "routine" if plan.use_routine(weight(), rows, None) else "BLAS"
                 plan_blas, plan_ours = plan.timings[(out_features, in_features, rows, False)]
                 timing = f"{1e6 * plan_blas:.0f} / {1e6 * plan_ours:.0f}"
             print(f"{out_features:>6}x{in_features:<5} {rows:>5} {blas:>14.0f} {ours:>14.0f} {blas / ours:>6.2f}x "
-                  f"{choice:>8} {timing:>34}", flush=True)
+                  f"{choice:>8} {timing:>34} {half:>22.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -626,7 +626,7 @@ def _bench_view(bench: dict) -> dict:
     command = bench["command"] or "# not recorded: the benchmark was not run through the `dflash-hf bench` command"
     view = {key: bench[key] for key in BENCH_KEYS}
     view.update(rows=rows, command=command, lossless=bool(bench["lossless"]), step_cost=_step_cost_view(bench),
-                suites=_suites_view(bench), cpu_model=_cpu_line(bench))
+                suites=_suites_view(bench), cpu_model=_cpu_line(bench), drafter_dtype=bench.get("drafter_dtype"))
     return view
 
 

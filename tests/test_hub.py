@@ -144,6 +144,15 @@ def test_card_without_bench_json_says_nothing_was_measured(checkpoint, tmp_path)
     assert "<your-org>/out" in text  # no repo id known: the snippets say so instead of inventing one
 
 
+def test_card_names_the_drafter_dtype_the_bench_ran(checkpoint, tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps(dict(BENCH, dtype="float32", drafter_dtype="bfloat16")))
+    out = hub.export_drafter(checkpoint, tmp_path / "out", base_model=BASE, bench_json=tmp_path / "b.json")
+    assert "on `cpu` (`float32`, drafter in `bfloat16`)" in (out / "README.md").read_text()
+    (tmp_path / "old.json").write_text(json.dumps(BENCH))  # a bench JSON from before it was recorded
+    old = hub.export_drafter(checkpoint, tmp_path / "old", base_model=BASE, bench_json=tmp_path / "old.json")
+    assert "on `cpu` (`float64`)," in (old / "README.md").read_text()
+
+
 def test_card_reports_a_lossy_run(checkpoint, tmp_path):
     bench = dict(BENCH, lossless=False)
     (tmp_path / "b.json").write_text(json.dumps(bench))
