@@ -81,7 +81,7 @@ def target_forwards(target: Any, repeats: int) -> dict[str, float]:
             return 1e3 * seconds
         return run
 
-    with matmul.routed_linears(target):  # routed layers with no plan current compute exactly as BLAS does
+    with matmul.routed_linears(target, torch.device("cpu")):  # routed layers with no plan current compute exactly as BLAS does
         return medians({"BLAS": forward(contextlib.nullcontext), "BLAS, empty mode": forward(EmptyMode),
                         "routine through the mode": forward(RoutineMode), "routine, direct calls": forward(direct)},
                        repeats)

@@ -132,7 +132,7 @@ def two_row_forward_ms(target: Any, ids: torch.Tensor, repeats: int = 9) -> floa
         return None
     cache_kwarg = forward_cache_kwarg(target)
     times = []
-    with torch.no_grad(), routed_linears(target):
+    with torch.no_grad(), routed_linears(target, ids.device):
         cache = cache_from_output(target(input_ids=ids, use_cache=True))
         for _ in range(repeats):
             start = time.perf_counter()

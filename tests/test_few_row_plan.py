@@ -69,8 +69,9 @@ def test_the_plan_is_per_thread_and_the_routing_lasts_while_anyone_holds_it(monk
     hooked = model[1]
     hooked.forward = lambda x: torch.nn.functional.linear(x, hooked.weight, hooked.bias)  # as accelerate's hooks do
     x = torch.randn(3, 8)
-    with core.routed_linears(model):
-        with core.routed_linears(model):  # a second generate call on the same target, concurrently
+    cpu = torch.device("cpu")
+    with core.routed_linears(model, cpu):
+        with core.routed_linears(model, cpu):  # a second generate call on the same target, concurrently
             pass
         other: list = []
         worker = threading.Thread(target=lambda: other.append(model(x)))  # a plain generate in another thread

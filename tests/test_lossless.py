@@ -264,7 +264,7 @@ def test_routed_linears_route_only_small_float32_cpu_products(monkeypatch):
     original = core.linear_for_few_rows
     monkeypatch.setattr(core, "linear_for_few_rows", lambda x, *a: routed.append(tuple(x.shape)) or original(x, *a))
     layer = torch.nn.Linear(8, 4)
-    with core.routed_linears(layer), core.few_row_products(torch.device("cpu")):
+    with core.routed_linears(layer, torch.device("cpu")), core.few_row_products(torch.device("cpu")):
         for shape in [(1, 1, 8), (2, 8), (1, 16, 8), (17, 8), (2, 3, 8)]:
             x = torch.randn(shape)
             torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
@@ -273,8 +273,11 @@ def test_routed_linears_route_only_small_float32_cpu_products(monkeypatch):
     assert "forward" not in layer.__dict__  # the layer is itself again
     layer.float()(torch.ones(4, 8))  # outside nothing is routed
     assert len(routed) == 3
-    with core.routed_linears(layer), core.few_row_products(torch.device("meta")):
-        layer(torch.ones(4, 8))  # off CPU there is no plan
+    with core.routed_linears(layer, torch.device("meta")), core.few_row_products(torch.device("meta")):
+        assert "forward" not in layer.__dict__  # off CPU there is no plan: the layers are not touched
+        layer(torch.ones(4, 8))
+    with core.routed_linears(layer, torch.device("cpu"), False):
+        assert "forward" not in layer.__dict__  # nor with the routine turned off
     assert len(routed) == 3
 
 

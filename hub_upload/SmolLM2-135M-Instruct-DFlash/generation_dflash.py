@@ -596,7 +596,7 @@ def run_dflash_decoding(
         return False
 
     with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad(), \
-            routed_linears(target):
+            routed_linears(target, device, options.few_row_matmul_on_cpu):
         # Prefill: only the prompt tokens the cache does not hold yet (all of them unless it came filled).
         t0 = time.perf_counter()
         logits = forward(input_ids[:, cached:], prompt_positions, prefill=True)[:, -1:]  # [R, 1, V]

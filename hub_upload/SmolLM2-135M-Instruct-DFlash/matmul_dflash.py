@@ -12,7 +12,8 @@ first time a (weight shape, rows) product is met in the process and keeps the an
 How a forward reaches the plan: ``few_row_products`` makes a plan current for the calling thread. The drafter's
 own layers are ``FewRowLinear``; the target's plain ``nn.Linear`` layers are routed only while ``routed_linears``
 is open around a DFlash generate call, and restored after it. Both are direct calls: a torch function mode, which
-sees every op, cost about 11 ms of a 75 ms verify forward and 0.9 ms of a 7 ms draft on the default pair.
+sees every op, cost about 10 ms of a 72 ms verify forward and 0.8 ms of a 6.6 ms draft on the default pair
+(benchmarks/routing_cost.py).
 """
 
 from __future__ import annotations
@@ -170,11 +171,15 @@ _routed_models: dict[int, tuple[int, list[nn.Linear]]] = {}  # id(model) -> (ope
 
 
 @contextlib.contextmanager
-def routed_linears(model: nn.Module) -> Iterator[None]:
+def routed_linears(model: nn.Module, device: torch.device, setting: bool | str = True) -> Iterator[None]:
     """While open, ``model``'s plain ``nn.Linear`` layers compute through :func:`planned_linear`, and are restored
-    when the last concurrent opener closes. A thread with no current plan (a plain ``generate`` on the same model
-    meanwhile) still gets ``F.linear``, bit for bit. Layers whose ``forward`` someone already replaced (accelerate's
-    device-map hooks) and subclasses (quantized layers) are left as they are."""
+    when the last concurrent opener closes; nothing is touched where ``setting`` gives no plan on ``device`` (off
+    CPU, or False), so a GPU forward pays no extra call. A thread with no current plan (a plain ``generate`` on the
+    same model meanwhile) still gets ``F.linear``, bit for bit. Layers whose ``forward`` someone already replaced
+    (accelerate's device-map hooks) and subclasses (quantized layers) are left as they are."""
+    if _plan_for(device, setting) is None:
+        yield
+        return
     key = id(model)
     with _routing_lock:
         opened, layers = _routed_models.get(key, (0, []))
