@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dflash_hf.bench import _step_cost, _tokens_per_s, can_plot, load_prompt_file, run_dflash, run_plain
+from dflash_hf.bench import aggregate_runs, can_plot, load_prompt_file, run_dflash, run_plain
 from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
 from dflash_hf.draft_precision import fastest_drafter_dtype
@@ -33,16 +33,17 @@ def name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def summarise(plain: list, runs: list) -> dict:
-    steps = sum(r.verify_steps for r in runs)
-    cost = _step_cost(plain, runs, lambda: None)
+def summarise(prompts: list[str], plain: list, runs: list, block_size: int) -> dict:
+    """The bench's own aggregation of plain against one drafter's DFlash runs, flattened to one row."""
+    pairs = [{"plain": p, "dflash": r} for p, r in zip(plain, runs)]
+    result = aggregate_runs(prompts, pairs, ("plain", "dflash"), block_size)
+    cost = result["step_cost"]
     return {
-        "mean_acceptance_length": round(sum(r.verified_tokens for r in runs) / steps, 3),
-        "speedup": round(_tokens_per_s(runs) / _tokens_per_s(plain), 3),
+        **{k: result["methods"]["dflash"][k] for k in ("mean_acceptance_length", "speedup")},
         **cost,
         "draft_share_of_plain_token": round(cost["draft_ms_per_step"] / cost["plain_ms_per_token"], 4),
-        "lossless": sum(torch.equal(r.output, p.output) for r, p in zip(runs, plain)),
-        "steps": steps,
+        "lossless": len(prompts) - len(result["mismatched_prompts"]["dflash"]),
+        "steps": sum(r.verify_steps for r in runs),
     }
 
 
@@ -101,7 +102,8 @@ def main() -> None:
         "cpu_info": cpu, "threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__, "num_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens, "drafts_per_step": drafter.num_speculative_tokens,
-        "drafters": {label: summarise(runs["plain"], runs[label]) for label in drafters},
+        "drafters": {label: summarise(prompts, runs["plain"], runs[label], drafter.config.block_size)
+                     for label in drafters},
         "auto_choice": {"dtype": name(chosen), "ms_per_draft": {name(d): round(1e3 * s, 2) for d, s in timings.items()}},
     }
     print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "

@@ -155,15 +155,14 @@ def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def _planned_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return planned_linear(x, self.weight, self.bias)
+
+
 class FewRowLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) computed by :func:`planned_linear`: the drafter's layers."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return planned_linear(x, self.weight, self.bias)
-
-
-def _planned_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return planned_linear(x, self.weight, self.bias)
+    forward = _planned_forward
 
 
 _routing_lock = threading.Lock()

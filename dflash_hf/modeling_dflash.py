@@ -171,7 +171,7 @@ class DFlashAttention(nn.Module):
         bsz, _, q_len, dim = q.shape
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(bsz, self.num_kv_heads, groups * q_len, dim)
-        if bias is not None:
+        if bias is not None and groups > 1:
             bias = bias.repeat(1, 1, groups, 1)  # [B or 1, 1, groups * Q, K]: every group sees the same mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
         return out.reshape(bsz, self.num_heads, q_len, dim)
