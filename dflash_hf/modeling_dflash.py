@@ -147,11 +147,13 @@ class DFlashAttention(nn.Module):
         v_ctx, v_blk = v_new[:, :, :n_ctx], v_new[:, :, n_ctx:]
 
         if cache is not None:
-            k_ctx, v_ctx, context_positions = self._append_to_cache(
-                cache, k_ctx, v_ctx, context_positions, block_positions[:, 0]
+            _, _, context_positions = self._append_to_cache(
+                cache, k_ctx, v_ctx, context_positions, block_positions[:, 0], room=k_blk.shape[2]
             )
-        k = torch.cat((k_ctx, k_blk), dim=2)
-        v = torch.cat((v_ctx, v_blk), dim=2)
+            k, v = cache.with_block(self.layer_idx, k_blk, v_blk)
+        else:
+            k = torch.cat((k_ctx, k_blk), dim=2)
+            v = torch.cat((v_ctx, v_blk), dim=2)
         if attention_bias is None:
             attention_bias = self._inference_bias(query_positions, context_positions, block_positions, q.dtype)
         else:
@@ -183,16 +185,10 @@ class DFlashAttention(nn.Module):
         v_new: torch.Tensor,
         pos_new: torch.Tensor,
         anchor_positions: torch.Tensor,
+        room: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i = self.layer_idx
-        if len(cache.keys) <= i:
-            cache.keys.append(k_new)
-            cache.values.append(v_new)
-            cache.positions.append(pos_new)
-        elif k_new.shape[2]:
-            cache.keys[i] = torch.cat((cache.keys[i], k_new), dim=2)
-            cache.values[i] = torch.cat((cache.values[i], v_new), dim=2)
-            cache.positions[i] = torch.cat((cache.positions[i], pos_new), dim=1)
+        cache.append(i, k_new, v_new, pos_new, room=room)
         if self.sliding_window is not None and cache.keys[i].shape[2] >= self.sliding_window:
             # Queries only move forward (the earliest is each row's anchor), so an entry at or before
             # anchor - window is never attended again. Drop the leading slots that no row still needs.

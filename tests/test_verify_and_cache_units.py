@@ -119,6 +119,52 @@ def test_draft_cache_drop_from_forgets_later_positions():
     assert cache.keys[0].flatten().tolist() == [0, 1, 2, 3, 4, 5]
 
 
+def entries(first: int, count: int, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [rows, 1, count, 2] whose values name their row and position, and the positions [rows, count]."""
+    positions = torch.arange(first, first + count).repeat(rows, 1)
+    keys = (positions + 100 * torch.arange(rows)[:, None]).float()[:, None, :, None].expand(-1, 1, -1, 2)
+    return keys.contiguous(), positions
+
+
+def test_draft_cache_appends_into_its_storage_and_lends_the_block_room():
+    """Appends write only the new entries (the cache stays a view of one storage while it has room); the block
+    goes after the cache without becoming part of it; tensors set from outside are moved into storage again."""
+    cache = DraftCache()
+    keys, positions = entries(0, 5)
+    cache.append(0, keys, -keys, positions, room=3)
+    storage = cache.keys[0].untyped_storage().data_ptr()
+    block, _ = entries(5, 3)
+    k, v = cache.with_block(0, block, -block)
+    assert torch.equal(k, torch.cat((keys, block), dim=2)) and torch.equal(v, -k)
+    assert k.untyped_storage().data_ptr() == storage and cache.length() == 5  # the block is not committed
+
+    more, more_positions = entries(5, 2)  # overwrites the block's room
+    cache.append(0, more, -more, more_positions)
+    assert cache.keys[0].untyped_storage().data_ptr() == storage
+    assert torch.equal(cache.keys[0], torch.cat((keys, more), dim=2)) and torch.equal(cache.values[0], -cache.keys[0])
+    assert cache.positions[0].tolist() == [list(range(7))] * 2
+
+    cache.drop_from(4)  # a prefix view of the storage: found there again, no copy
+    tail, tail_positions = entries(4, 1)
+    cache.append(0, tail, -tail, tail_positions)
+    assert cache.keys[0].untyped_storage().data_ptr() == storage and cache.positions[0].tolist() == [[0, 1, 2, 3, 4]] * 2
+
+    cache.select_rows(torch.tensor([1]))  # a new tensor: the next append moves it into fresh storage
+    last, last_positions = entries(5, 1, rows=1)
+    cache.append(0, last + 100, -(last + 100), last_positions)
+    assert cache.keys[0].untyped_storage().data_ptr() != storage
+    assert cache.keys[0][0, 0, :, 0].tolist() == [100.0, 101.0, 102.0, 103.0, 104.0, 105.0]
+    assert cache.positions[0].tolist() == [[0, 1, 2, 3, 4, 5]] and torch.equal(cache.values[0], -cache.keys[0])
+
+    grown = cache.keys[0].untyped_storage().data_ptr()
+    for first in range(6, 200):  # growth: storage is replaced only now and then, and never loses an entry
+        one, one_positions = entries(first, 1, rows=1)
+        cache.append(0, one + 100, -(one + 100), one_positions)
+    assert cache.positions[0].tolist() == [list(range(200))]
+    assert cache.keys[0][0, 0, :, 1].tolist() == [100.0 + p for p in range(200)]
+    assert cache.keys[0].untyped_storage().data_ptr() != grown
+
+
 def test_private_generate_signatures_are_what_the_patch_expects():
     """Fails loudly when a transformers release changes a private method the generate patch wraps."""
     assert patched_signature_problems() == []

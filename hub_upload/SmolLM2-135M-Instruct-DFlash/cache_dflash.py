@@ -24,17 +24,84 @@ class DraftCache:
     ``keys[i]`` / ``values[i]``: [B, kv_heads, C_i, head_dim]; ``positions[i]``: [B, C_i] absolute positions of
     those entries (``-1`` marks padding, which no query attends to). Sliding-window layers keep only what a
     future query can still see, so the cache is bounded by the window there.
+
+    Appending (``append``, ``with_block``) writes into spare room of a per-layer storage and leaves views of it
+    in ``keys`` / ``values`` / ``positions``, so a step copies only its new entries, not the whole context. Any
+    other tensor assigned there (rows selected, compaction, tests) is simply moved into fresh storage on the next
+    append.
     """
 
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
     positions: list = field(default_factory=list)
+    # layer -> (keys [B, kv_heads, capacity, head_dim], values alike, positions [B, capacity], the views
+    # last left in keys/values/positions, where they start in it)
+    _storage: dict = field(default_factory=dict, repr=False, compare=False)
 
     def length(self, layer: int = 0) -> int:
         return 0 if layer >= len(self.keys) else self.keys[layer].shape[2]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.positions))
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               room: int = 0) -> None:
+        """Add entries (keys/values [B, kv_heads, N, head_dim], positions [B, N]) to ``layer``, the next layer
+        when it has none yet; ``room``: slots to keep free after them (a block ``with_block`` will write)."""
+        if layer == len(self.keys):
+            self.keys.append(keys[:, :, :0])
+            self.values.append(values[:, :, :0])
+            self.positions.append(positions[:, :0])
+        length = self.keys[layer].shape[2]
+        key_store, value_store, position_store, start = self._room(layer, keys.shape[2] + room)
+        end = start + length + keys.shape[2]
+        key_store[:, :, start + length:end] = keys
+        value_store[:, :, start + length:end] = values
+        position_store[:, start + length:end] = positions
+        self.keys[layer] = key_store[:, :, start:end]
+        self.values[layer] = value_store[:, :, start:end]
+        self.positions[layer] = position_store[:, start:end]
+        # the views just made: while they are still the layer's tensors, _room needs no search
+        views = (self.keys[layer], self.values[layer], self.positions[layer])
+        self._storage[layer] = (key_store, value_store, position_store, views, start)
+
+    def with_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s keys and values followed by a block's ([B, kv_heads, Q, head_dim]), as [B, kv_heads, C+Q,
+        head_dim] views: the block goes into the free room after the cache (the next append overwrites it), so
+        attention over context and block needs no copy of the context."""
+        length = self.keys[layer].shape[2]
+        key_store, value_store, _, start = self._room(layer, keys.shape[2])
+        end = start + length + keys.shape[2]
+        key_store[:, :, start + length:end] = keys
+        value_store[:, :, start + length:end] = values
+        return key_store[:, :, start:end], value_store[:, :, start:end]
+
+    def _room(self, layer: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``layer``'s storage with ``extra`` free slots after its entries, and where the entries start in it.
+        Storage that no longer holds the layer's tensors, or is full, is replaced by storage of twice the need
+        (the entries copied over), so growth costs amortised O(1) copies per entry."""
+        keys, values, positions = self.keys[layer], self.values[layer], self.positions[layer]
+        stored = self._storage.get(layer)
+        if stored is not None:
+            key_store, value_store, position_store, last_views, start = stored
+            if not (last_views[0] is keys and last_views[1] is values and last_views[2] is positions):
+                # set from outside (e.g. drop_from): find them in the storage, if they are there
+                start = _start_in(keys, key_store, dim=2)
+                if start is None or start != _start_in(values, value_store, 2) or start != _start_in(
+                        positions, position_store, 1):
+                    start = None
+            if start is not None and start + keys.shape[2] + extra <= key_store.shape[2]:
+                return key_store, value_store, position_store, start
+        length = keys.shape[2]
+        capacity = 2 * (length + extra) + 16
+        key_store = keys.new_empty(keys.shape[0], keys.shape[1], capacity, keys.shape[3])
+        value_store = values.new_empty(values.shape[0], values.shape[1], capacity, values.shape[3])
+        position_store = positions.new_full((positions.shape[0], capacity), -1)
+        key_store[:, :, :length] = keys
+        value_store[:, :, :length] = values
+        position_store[:, :length] = positions
+        self._storage[layer] = (key_store, value_store, position_store, (None, None, None), 0)
+        return key_store, value_store, position_store, 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (finished rows of a batch leave the cache)."""
@@ -66,6 +133,19 @@ class DraftCache:
             index = order[:, None, :, None].expand(-1, self.keys[i].shape[1], -1, self.keys[i].shape[3])
             self.keys[i] = self.keys[i].gather(2, index)
             self.values[i] = self.values[i].gather(2, index)
+
+
+def _start_in(view: torch.Tensor, storage: torch.Tensor, dim: int) -> int | None:
+    """Where ``view`` starts along ``dim`` when it is a run of whole slices of ``storage`` along that dim (the
+    same memory, shape and strides but for ``dim``'s length), else None."""
+    if (view.dtype != storage.dtype or view.device != storage.device or view.stride() != storage.stride()
+            or view.shape[:dim] != storage.shape[:dim] or view.shape[dim + 1:] != storage.shape[dim + 1:]):
+        return None
+    step = storage.stride(dim) * storage.element_size()
+    offset = view.data_ptr() - storage.data_ptr()
+    if offset < 0 or offset % step or view.untyped_storage().data_ptr() != storage.untyped_storage().data_ptr():
+        return None
+    return offset // step
 
 
 def compaction_order(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
