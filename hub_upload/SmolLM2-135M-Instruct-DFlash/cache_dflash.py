@@ -35,13 +35,14 @@ class DraftCache:
     values: list = field(default_factory=list)
     positions: list = field(default_factory=list)
     # layer -> (keys [B, kv_heads, capacity, head_dim], values alike, positions [B, capacity], the views
-    # last left in keys/values/positions, where they start in it)
+    # it last lent to keys/values/positions, where they start in it)
     _storage: dict = field(default_factory=dict, repr=False, compare=False)
 
     def length(self, layer: int = 0) -> int:
         return 0 if layer >= len(self.keys) else self.keys[layer].shape[2]
 
     def nbytes(self) -> int:
+        """Bytes of the entries held; their storage keeps up to about as much again as spare room."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.positions))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -52,56 +53,66 @@ class DraftCache:
             self.keys.append(keys[:, :, :0])
             self.values.append(values[:, :, :0])
             self.positions.append(positions[:, :0])
+        count = keys.shape[2]
+        key_store, value_store, position_store, start = self._room(layer, count + room)
+        if not count:
+            return
+        # narrow + copy_ rather than slice assignment: fewer dispatches, and this runs in every drafter layer
         length = self.keys[layer].shape[2]
-        key_store, value_store, position_store, start = self._room(layer, keys.shape[2] + room)
-        end = start + length + keys.shape[2]
-        key_store[:, :, start + length:end] = keys
-        value_store[:, :, start + length:end] = values
-        position_store[:, start + length:end] = positions
-        self.keys[layer] = key_store[:, :, start:end]
-        self.values[layer] = value_store[:, :, start:end]
-        self.positions[layer] = position_store[:, start:end]
-        # the views just made: while they are still the layer's tensors, _room needs no search
-        views = (self.keys[layer], self.values[layer], self.positions[layer])
-        self._storage[layer] = (key_store, value_store, position_store, views, start)
+        key_store.narrow(2, start + length, count).copy_(keys)
+        value_store.narrow(2, start + length, count).copy_(values)
+        position_store.narrow(1, start + length, count).copy_(positions)
+        self._lend_views(layer, start, length + count)
 
     def with_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s keys and values followed by a block's ([B, kv_heads, Q, head_dim]), as [B, kv_heads, C+Q,
         head_dim] views: the block goes into the free room after the cache (the next append overwrites it), so
         attention over context and block needs no copy of the context."""
+        count = keys.shape[2]
+        key_store, value_store, _, start = self._room(layer, count)
         length = self.keys[layer].shape[2]
-        key_store, value_store, _, start = self._room(layer, keys.shape[2])
-        end = start + length + keys.shape[2]
-        key_store[:, :, start + length:end] = keys
-        value_store[:, :, start + length:end] = values
-        return key_store[:, :, start:end], value_store[:, :, start:end]
+        key_store.narrow(2, start + length, count).copy_(keys)
+        value_store.narrow(2, start + length, count).copy_(values)
+        return key_store.narrow(2, start, length + count), value_store.narrow(2, start, length + count)
 
     def _room(self, layer: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """``layer``'s storage with ``extra`` free slots after its entries, and where the entries start in it.
-        Storage that no longer holds the layer's tensors, or is full, is replaced by storage of twice the need
-        (the entries copied over), so growth costs amortised O(1) copies per entry."""
+        """``layer``'s storage with ``extra`` free slots after its entries, and where the entries start in it;
+        afterwards the layer's tensors are views of it. Storage that no longer holds them, or is full, is replaced
+        by storage of twice the need (the entries copied over): growth costs amortised O(1) copies per entry."""
         keys, values, positions = self.keys[layer], self.values[layer], self.positions[layer]
         stored = self._storage.get(layer)
         if stored is not None:
-            key_store, value_store, position_store, last_views, start = stored
-            if not (last_views[0] is keys and last_views[1] is values and last_views[2] is positions):
-                # set from outside (e.g. drop_from): find them in the storage, if they are there
+            key_store, value_store, position_store, lent, start = stored
+            if not (lent[0] is keys and lent[1] is values and lent[2] is positions):
+                # set from outside (e.g. drop_from's shorter views): find them in the storage, if they are there
                 start = _start_in(keys, key_store, dim=2)
                 if start is None or start != _start_in(values, value_store, 2) or start != _start_in(
                         positions, position_store, 1):
                     start = None
             if start is not None and start + keys.shape[2] + extra <= key_store.shape[2]:
+                self._storage[layer] = (key_store, value_store, position_store, (keys, values, positions), start)
                 return key_store, value_store, position_store, start
         length = keys.shape[2]
         capacity = 2 * (length + extra) + 16
         key_store = keys.new_empty(keys.shape[0], keys.shape[1], capacity, keys.shape[3])
         value_store = values.new_empty(values.shape[0], values.shape[1], capacity, values.shape[3])
         position_store = positions.new_full((positions.shape[0], capacity), -1)
-        key_store[:, :, :length] = keys
-        value_store[:, :, :length] = values
-        position_store[:, :length] = positions
+        key_store.narrow(2, 0, length).copy_(keys)
+        value_store.narrow(2, 0, length).copy_(values)
+        position_store.narrow(1, 0, length).copy_(positions)
         self._storage[layer] = (key_store, value_store, position_store, (None, None, None), 0)
+        self._lend_views(layer, 0, length)
         return key_store, value_store, position_store, 0
+
+    def _lend_views(self, layer: int, start: int, length: int) -> None:
+        """Make ``layer``'s tensors the views [start, start + length) of its storage, and remember them: while they
+        are still the layer's tensors, ``_room`` needs no search."""
+        key_store, value_store, position_store, _, _ = self._storage[layer]
+        self.keys[layer] = key_store.narrow(2, start, length)
+        self.values[layer] = value_store.narrow(2, start, length)
+        self.positions[layer] = position_store.narrow(1, start, length)
+        lent = (self.keys[layer], self.values[layer], self.positions[layer])
+        self._storage[layer] = (key_store, value_store, position_store, lent, start)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (finished rows of a batch leave the cache)."""
