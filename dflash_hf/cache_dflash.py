@@ -89,8 +89,9 @@ class DraftCache:
                 if start is None or start != _start_in(values, value_store, 2) or start != _start_in(
                         positions, position_store, 1):
                     start = None
+                else:
+                    self._storage[layer] = (key_store, value_store, position_store, (keys, values, positions), start)
             if start is not None and start + keys.shape[2] + extra <= key_store.shape[2]:
-                self._storage[layer] = (key_store, value_store, position_store, (keys, values, positions), start)
                 return key_store, value_store, position_store, start
         length = keys.shape[2]
         capacity = 2 * (length + extra) + 16

@@ -156,13 +156,14 @@ def test_draft_cache_appends_into_its_storage_and_lends_the_block_room():
     assert cache.keys[0][0, 0, :, 0].tolist() == [100.0, 101.0, 102.0, 103.0, 104.0, 105.0]
     assert cache.positions[0].tolist() == [[0, 1, 2, 3, 4, 5]] and torch.equal(cache.values[0], -cache.keys[0])
 
-    grown = cache.keys[0].untyped_storage().data_ptr()
+    storages = {cache.keys[0].untyped_storage().data_ptr()}
     for first in range(6, 200):  # growth: storage is replaced only now and then, and never loses an entry
         one, one_positions = entries(first, 1, rows=1)
         cache.append(0, one + 100, -(one + 100), one_positions)
+        storages.add(cache.keys[0].untyped_storage().data_ptr())
     assert cache.positions[0].tolist() == [list(range(200))]
     assert cache.keys[0][0, 0, :, 1].tolist() == [100.0 + p for p in range(200)]
-    assert cache.keys[0].untyped_storage().data_ptr() != grown
+    assert 2 <= len(storages) <= 5  # capacity doubles: a handful of copies for 194 appends, not one per append
 
 
 def test_private_generate_signatures_are_what_the_patch_expects():
