@@ -9,8 +9,9 @@ The bfloat16 column is BLAS's product with the weight and the rows in bfloat16, 
 (``--drafter-dtype auto`` picks that dtype where whole drafts measure clearly faster in it).
 
 The plan column is what the few-row plan (``FewRowPlan``, which DFlash's forwards consult) chooses on this machine
-from its own short timing, taken here as a generate call would take it; the plan's own timing is printed too.
-Run it on an idle machine.
+from its own short timing, taken here as a generate call would take it: BLAS, or the routine over ``rN`` rows
+(zero rows pad the product up to N where that measured faster), with a channels-last copy of the result where
+marked ``cl``; the plan's own timing of BLAS and of its fastest recipe is printed too. Run it on an idle machine.
 
     python benchmarks/cpu_linear.py [--rows 1 2 4 8 16] [--repeats 30]
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dflash_hf.machine import cpu_facts
-from dflash_hf.matmul_dflash import FEW_ROWS, FewRowPlan, linear_for_few_rows
+from dflash_hf.matmul_dflash import FEW_ROWS, FewRowPlan, FewRowRecipe, linear_for_few_rows
 
 # (out_features, in_features) of SmolLM2-135M: q/o, k/v, gate/up, down, LM head.
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
@@ -42,6 +43,11 @@ def median_us(fn, repeats: int) -> float:
     return 1e6 * sorted(times)[len(times) // 2]
 
 
+def describe(recipe: FewRowRecipe | None) -> str:
+    """The plan's choice in a few letters: BLAS, or the routine's rows and copy (``r8 cl``)."""
+    return "BLAS" if recipe is None else f"r{recipe.rows}{' cl' if recipe.channels_last else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -51,8 +57,8 @@ def main() -> None:
     cpu = cpu_facts()
     print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
           f"{cpu['avx512_bf16']}); torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
-    print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7} {'plan':>8}"
-          f" {'plan timing: BLAS / routine (us)':>34} {'bfloat16 x @ W^T (us)':>22}")
+    print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7} {'plan':>10}"
+          f" {'plan timing: BLAS / best routine (us)':>38} {'bfloat16 x @ W^T (us)':>22}")
     for out_features, in_features in SHAPES:
         copies = max(2, min(64, WEIGHT_POOL_BYTES // (out_features * in_features * 4)))
         weights = [torch.randn(out_features, in_features) for _ in range(copies)]
@@ -73,11 +79,13 @@ def main() -> None:
             half = median_us(lambda: F.linear(x16, half_weight()), args.repeats)
             choice, timing = "-", ""
             if rows in FEW_ROWS:
-                choice = "routine" if plan.use_routine(weight(), rows, None) else "BLAS"
-                plan_blas, plan_ours = plan.timings[(out_features, in_features, rows, False)]
-                timing = f"{1e6 * plan_blas:.0f} / {1e6 * plan_ours:.0f}"
+                recipe = plan.recipe_for(weight(), rows, None)
+                choice = describe(recipe)
+                seconds = plan.timings[(out_features, in_features, rows, False)]
+                fastest = min(seconds[way] for way in seconds if way is not None)
+                timing = f"{1e6 * seconds[None]:.0f} / {1e6 * fastest:.0f}"
             print(f"{out_features:>6}x{in_features:<5} {rows:>5} {blas:>14.0f} {ours:>14.0f} {blas / ours:>6.2f}x "
-                  f"{choice:>8} {timing:>34} {half:>22.0f}", flush=True)
+                  f"{choice:>10} {timing:>38} {half:>22.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ class RoutineMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func is torch.nn.functional.linear:
             bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
-            if matmul.takes_routine(matmul.measured_plan(), args[0], args[1], bias):
-                return matmul.linear_for_few_rows(args[0], args[1], bias)
+            recipe = matmul.routine_recipe(matmul.measured_plan(), args[0], args[1], bias)
+            if recipe is not None:
+                return matmul.linear_for_few_rows(args[0], args[1], bias, recipe)
         return func(*args, **(kwargs or {}))
 
 

@@ -14,26 +14,61 @@ MEASURED_PLAN = core.measured_plan  # taken at import: conftest's autouse fixtur
 
 
 class FakeTimings:
-    """measure(): (BLAS seconds, routine seconds) from a table by rows; counts the calls."""
+    """measure(): seconds of BLAS (None) and of each recipe, from a table by rows: BLAS's time, then the routine's
+    over its own rows; a padded recipe costs ``padded`` per row it computes, a channels-last one ``channels_last``
+    less. Counts the calls."""
 
-    def __init__(self, by_rows: dict[int, tuple[float, float]]) -> None:
-        self.by_rows, self.calls = by_rows, []
+    def __init__(self, by_rows: dict[int, tuple[float, float]], padded: float = 1.0, channels_last: float = 0.0):
+        self.by_rows, self.padded, self.channels_last, self.calls = by_rows, padded, channels_last, []
 
-    def __call__(self, weight, rows, bias):
+    def __call__(self, weight, rows, bias, ways):
         self.calls.append((tuple(weight.shape), rows, bias is not None))
-        return self.by_rows[rows]
+        blas_s, routine_s = self.by_rows[rows]
+        return [blas_s if way is None else
+                (routine_s if way.rows == rows else self.padded * way.rows) - self.channels_last * way.channels_last
+                for way in ways]
 
 
 def test_the_plan_takes_blas_only_when_clearly_faster():
-    timings = FakeTimings({2: (1.0, 2.0), 3: (0.95, 1.0), 4: (3.0, 1.0), 5: (0.89, 1.0)})
+    timings = FakeTimings({2: (1.0, 2.0), 3: (0.95, 1.0), 4: (3.0, 1.0), 5: (0.89, 1.0)}, padded=100.0)
     plan = core.FewRowPlan(measure=timings)
     weight = torch.zeros(6, 4)
-    assert [plan.use_routine(weight, rows, None) for rows in (2, 3, 4, 5)] == [False, True, True, False]
-    assert plan.use_routine(weight, 2, None) is False and len(timings.calls) == 4  # measured once per key
-    plan.use_routine(weight, 2, torch.zeros(6))  # a bias is another product
-    plan.use_routine(torch.zeros(7, 4), 2, None)  # and so is another shape
+    assert [plan.recipe_for(weight, rows, None) for rows in (2, 3, 4, 5)] == [
+        None, core.FewRowRecipe(3), core.FewRowRecipe(4), None]
+    assert plan.recipe_for(weight, 2, None) is None and len(timings.calls) == 4  # measured once per key
+    plan.recipe_for(weight, 2, torch.zeros(6))  # a bias is another product
+    plan.recipe_for(torch.zeros(7, 4), 2, None)  # and so is another shape
     assert timings.calls[4:] == [((6, 4), 2, True), ((7, 4), 2, False)]
-    assert plan.timings[(6, 4, 3, False)] == (0.95, 1.0)
+    assert plan.timings[(6, 4, 3, False)][None] == 0.95
+    assert plan.timings[(6, 4, 3, False)][core.FewRowRecipe(3)] == 1.0
+
+
+def test_the_plan_pads_rows_and_picks_the_copy_where_they_measure_faster():
+    # 3 rows cost 5 s, each padded row 1 s: 4 rows (4 s) win over 3, and 8 rows (8 s) lose
+    plan = core.FewRowPlan(measure=FakeTimings({3: (10.0, 5.0), 16: (10.0, 5.0)}, channels_last=0.5))
+    assert plan.recipe_for(torch.zeros(6, 4), 3, None) == core.FewRowRecipe(4, channels_last=True)
+    assert set(plan.timings[(6, 4, 3, False)]) == {None, *core.routine_recipes(3)}
+    assert plan.recipe_for(torch.zeros(6, 4), 16, None) == core.FewRowRecipe(16, channels_last=True)  # no pad past 16
+
+
+def test_recipes_pad_up_to_under_four_times_the_rows():
+    assert sorted({r.rows for r in core.routine_recipes(2)}) == [2, 4]
+    assert sorted({r.rows for r in core.routine_recipes(3)}) == [3, 4, 8]
+    assert sorted({r.rows for r in core.routine_recipes(5)}) == [5, 8, 16]
+    assert sorted({r.rows for r in core.routine_recipes(12)}) == [12, 16]
+    assert {r.channels_last for r in core.routine_recipes(7)} == {False, True}
+
+
+@pytest.mark.parametrize("rows", [2, 3, 7, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_recipe_computes_the_linear_layer(rows, bias):
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(48, 500, bias=bias)
+    x = torch.randn(1, rows, 48)
+    for recipe in core.routine_recipes(rows):
+        out = core.linear_for_few_rows(x, layer.weight, layer.bias, recipe)
+        assert out.shape == (1, rows, 500) and out.is_contiguous(), recipe
+        torch.testing.assert_close(out, layer(x))
 
 
 def routing_log(monkeypatch) -> list:
@@ -45,7 +80,7 @@ def routing_log(monkeypatch) -> list:
 
 def test_planned_products_follow_the_plan(monkeypatch):
     routed = routing_log(monkeypatch)
-    plan = core.FewRowPlan(measure=FakeTimings({2: (1.0, 2.0), 3: (2.0, 1.0)}))
+    plan = core.FewRowPlan(measure=FakeTimings({2: (1.0, 2.0), 3: (2.0, 1.0)}, padded=100.0))
     layer = core.FewRowLinear(8, 4)
     monkeypatch.setattr(core, "measured_plan", lambda: plan)
     with core.few_row_products(torch.device("cpu"), True):
@@ -98,12 +133,13 @@ def test_the_measured_plan_is_one_per_thread_count(monkeypatch):
     assert core._plan_for(torch.device("cpu"), True) is plan
 
 
-def test_real_timing_returns_both_products_and_leaves_the_global_generator_alone():
+def test_real_timing_returns_every_way_and_leaves_the_global_generator_alone():
     torch.manual_seed(123)
     weight, bias = torch.randn(300, 64), torch.randn(300)
     state = torch.get_rng_state()
-    blas_s, routine_s = core.time_both_products(weight, 4, bias)
-    assert blas_s > 0 and routine_s > 0
+    ways = [None, *core.routine_recipes(4)]
+    seconds = core.time_products(weight, 4, bias, ways)
+    assert len(seconds) == len(ways) and all(s > 0 for s in seconds)
     assert torch.equal(torch.get_rng_state(), state)  # sampled generation must not see the calibration
 
 

@@ -5,9 +5,10 @@ where it must not touch files (so the plan lives in memory).
 
 DFlash's verify forwards and drafts multiply every weight by a handful of rows (the block); plain decoding by
 one. CPU BLAS often computes that poorly (see ``linear_for_few_rows``), so on CPU those forwards run their linear
-layers through ``planned_linear``; plain ``generate`` never does. Which of the two products is faster depends on
-the CPU, the BLAS build and the thread count, so no fixed rule decides: ``FewRowPlan`` times both products the
-first time a (weight shape, rows) product is met in the process and keeps the answer.
+layers through ``planned_linear``; plain ``generate`` never does. Which product is fastest depends on the CPU, the
+BLAS build and the thread count, so no fixed rule decides: ``FewRowPlan`` times BLAS and the routine's recipes (how
+many rows it computes, how it lays the result out) the first time a (weight shape, rows) product is met in the
+process, and keeps the fastest.
 
 How a forward reaches the plan: ``few_row_products`` makes a plan current for the calling thread. The drafter's
 own layers are ``FewRowLinear``; the target's plain ``nn.Linear`` layers are routed only while ``routed_linears``
@@ -21,84 +22,126 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 FEW_ROWS = range(2, 17)
+PADDED_ROWS = (4, 8, 16)  # row counts the routine may pad a product up to, where BLAS computes them faster
 BLAS_MARGIN = 0.9  # BLAS keeps a product only when it is clearly faster: noise must not flip a near-tie
 _POOL_BYTES = 64 * 2**20  # weights are cycled through copies this large, so each product streams from memory
 _REPEATS = 5
 
 
-def linear_for_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+class FewRowRecipe(NamedTuple):
+    """How :func:`linear_for_few_rows` computes a product: over ``rows`` rows (zero rows pad the input up to that
+    many; their results are dropped), and with the ``[out, rows]`` result laid out as ``[rows, out]`` by a
+    channels-last copy (``channels_last``) or by a plain transposed copy."""
+
+    rows: int
+    channels_last: bool = False
+
+
+def linear_for_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        recipe: FewRowRecipe | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` computed as ``weight @ x^T``; x [..., in] with 2-16 rows -> [..., out].
 
     Why: CPU BLAS (MKL, 2 threads, float32) runs ``x @ weight^T`` for a handful of rows as a skinny GEMM far below
     memory bandwidth, and a single row as a matrix-vector product on one core. The transposed product streams the
     weight once on every core: 1536 x 576, 4 rows: 96 us instead of 322 us; 49152 x 576, 4 rows: 2.6 ms instead of
     12.5 ms (benchmarks/cpu_linear.py). The result differs only by float summation order.
+
+    ``recipe`` (default: the rows as they are, a transposed copy) is what the plan measured fastest: BLAS may run
+    a product faster over more rows (on a Zen 3's MKL, 16 rows of a 1536 x 576 weight take less time than 8), and
+    torch's transposed copy of a ``[out, rows]`` result is slow for a handful of rows, where a channels-last copy
+    moves the same data faster.
     """
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])  # [n, in]
+    n, out_features = rows.shape[0], weight.shape[0]
+    recipe = recipe or FewRowRecipe(n)
+    if recipe.rows > n:
+        rows = F.pad(rows, (0, 0, 0, recipe.rows - n))
     if bias is None:
-        out = torch.mm(weight, rows.T)  # [out, rows]
+        out = torch.mm(weight, rows.T)  # [out, recipe.rows]
     else:
         out = torch.addmm(bias.unsqueeze(1), weight, rows.T)
-    return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    if recipe.rows > n:
+        out = out[:, :n]
+    if recipe.channels_last:
+        # [1, out, n, 1] in channels-last memory is [n, out] row-major: the permute and reshape below are views
+        out = out[None, :, :, None].contiguous(memory_format=torch.channels_last)
+        return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], out_features)
+    return out.T.contiguous().view(*x.shape[:-1], out_features)
 
 
-def time_both_products(weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> tuple[float, float]:
-    """Median seconds of BLAS's ``F.linear`` and of ``linear_for_few_rows`` over ``rows`` rows, interleaved, each
-    product on another copy of ``weight`` (as in a forward, where every weight is read once, not from cache)."""
+def routine_recipes(rows: int) -> list[FewRowRecipe]:
+    """The recipes the plan times for a product over ``rows`` rows: the rows as they are and each padded row count
+    of ``PADDED_ROWS`` under four times as many (more would cost more than it could save), each with either copy."""
+    counts = [rows] + [p for p in PADDED_ROWS if rows < p < 4 * rows]
+    return [FewRowRecipe(count, channels_last) for count in counts for channels_last in (False, True)]
+
+
+def time_products(weight: torch.Tensor, rows: int, bias: torch.Tensor | None,
+                  recipes: Sequence[FewRowRecipe | None]) -> list[float]:
+    """Median seconds of each way of computing ``F.linear`` over ``rows`` rows (None: BLAS's own product; a recipe:
+    ``linear_for_few_rows``), interleaved, each product on another copy of ``weight`` (as in a forward, where every
+    weight is read once, not from cache)."""
     copies = max(1, min(64, _POOL_BYTES // max(1, weight.numel() * weight.element_size())))
     pool = [weight] + [weight.clone() for _ in range(copies - 1)]
     # A private generator: the global one drives sampling, and a first call must sample as every later one does.
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for turn in range(2 * (_REPEATS + 1)):
-        routine = bool(turn % 2)
-        w = pool[turn % len(pool)]
+    times: list[list[float]] = [[] for _ in recipes]
+    for turn in range(len(recipes) * (_REPEATS + 1)):
+        which = turn % len(recipes)
+        recipe, w = recipes[which], pool[turn % len(pool)]
         start = time.perf_counter()
-        linear_for_few_rows(x, w, bias) if routine else torch.nn.functional.linear(x, w, bias)
-        if turn >= 2:  # the first of each is a warm-up
-            times[routine].append(time.perf_counter() - start)
-    return sorted(times[False])[_REPEATS // 2], sorted(times[True])[_REPEATS // 2]
+        F.linear(x, w, bias) if recipe is None else linear_for_few_rows(x, w, bias, recipe)
+        if turn >= len(recipes):  # the first of each is a warm-up
+            times[which].append(time.perf_counter() - start)
+    return [sorted(t)[_REPEATS // 2] for t in times]
 
 
 class FewRowPlan:
-    """Whether ``linear_for_few_rows`` computes a float32 (out, in, rows, bias) product, by measurement.
+    """How a float32 (out, in, rows, bias) product is computed, by measurement: BLAS's own product (None) or a
+    :class:`FewRowRecipe` of ``linear_for_few_rows``.
 
-    Each product is timed the first time it is met (``time_both_products``: a fraction of a millisecond for most
-    shapes, some tens of milliseconds for a large LM head) and the answer is kept for the rest of the process.
+    Each product is timed the first time it is met (``time_products`` over BLAS and ``routine_recipes``: about a
+    millisecond for most shapes, a few tenths of a second for a large LM head) and the answer is kept for the rest
+    of the process. The fastest recipe is taken unless BLAS is clearly faster than it.
     """
 
-    def __init__(self, measure: Callable[[torch.Tensor, int, torch.Tensor | None], tuple[float, float]]
-                 = time_both_products) -> None:
+    def __init__(self, measure: Callable[[torch.Tensor, int, torch.Tensor | None, Sequence[FewRowRecipe | None]],
+                                         list[float]] = time_products) -> None:
         self.measure = measure
         self._lock = threading.Lock()
-        self.choices: dict[tuple[int, int, int, bool], bool] = {}  # (out, in, rows, bias) -> routine?
-        self.timings: dict[tuple[int, int, int, bool], tuple[float, float]] = {}  # (BLAS s, routine s)
+        self.choices: dict[tuple[int, int, int, bool], FewRowRecipe | None] = {}  # (out, in, rows, bias) -> recipe
+        self.timings: dict[tuple[int, int, int, bool], dict[FewRowRecipe | None, float]] = {}  # seconds by way
 
-    def use_routine(self, weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> bool:
+    def recipe_for(self, weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> FewRowRecipe | None:
         key = (weight.shape[0], weight.shape[1], rows, bias is not None)  # a tuple: this runs for every product
-        choice = self.choices.get(key)
-        if choice is None:
-            with self._lock:
-                choice = self.choices.get(key)
-                if choice is None:
-                    blas_s, routine_s = self.measure(weight.detach(), rows, None if bias is None else bias.detach())
-                    self.timings[key] = (blas_s, routine_s)
-                    choice = self.choices[key] = not blas_s < BLAS_MARGIN * routine_s
-        return choice
+        try:
+            return self.choices[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key not in self.choices:
+                ways: list[FewRowRecipe | None] = [None, *routine_recipes(rows)]
+                seconds = self.measure(weight.detach(), rows, None if bias is None else bias.detach(), ways)
+                self.timings[key] = dict(zip(ways, seconds))
+                best = min(range(1, len(ways)), key=seconds.__getitem__)
+                self.choices[key] = None if seconds[0] < BLAS_MARGIN * seconds[best] else ways[best]
+            return self.choices[key]
 
 
 class AlwaysRoutine:
-    """The plan of ``drafter.few_row_matmul_on_cpu = "always"``: every few-row product takes the routine."""
+    """The plan of ``drafter.few_row_matmul_on_cpu = "always"``: every few-row product takes the routine, over its
+    own rows with a transposed copy."""
 
-    def use_routine(self, weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> bool:
-        return True
+    def recipe_for(self, weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> FewRowRecipe | None:
+        return FewRowRecipe(rows)
 
 
 _measured_plans: dict[int, FewRowPlan] = {}
@@ -113,13 +156,15 @@ def measured_plan() -> FewRowPlan:
     return plan
 
 
-def takes_routine(plan: "FewRowPlan | AlwaysRoutine", x: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> bool:
-    """Whether ``F.linear(x, weight, bias)`` is computed by :func:`linear_for_few_rows` under ``plan``: float32 on
-    CPU, 2-16 rows, and the plan's measurement favours it."""
+def routine_recipe(plan: "FewRowPlan | AlwaysRoutine", x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> FewRowRecipe | None:
+    """How :func:`linear_for_few_rows` computes ``F.linear(x, weight, bias)`` under ``plan``, or None where BLAS
+    does: the routine needs float32 on CPU and 2-16 rows, and the plan's measurement must favour it."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and rows in FEW_ROWS and plan.use_routine(weight, rows, bias))
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and rows in FEW_ROWS):
+        return plan.recipe_for(weight, rows, bias)
+    return None
 
 
 def _plan_for(device: torch.device, setting: bool | str) -> "FewRowPlan | AlwaysRoutine | None":
@@ -150,9 +195,10 @@ def few_row_products(device: torch.device, setting: bool | str = True) -> Iterat
 def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, computed by :func:`linear_for_few_rows` where this thread's current plan says so."""
     plan = getattr(_current, "plan", None)
-    if plan is not None and takes_routine(plan, x, weight, bias):
-        return linear_for_few_rows(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+    recipe = None if plan is None else routine_recipe(plan, x, weight, bias)
+    if recipe is not None:
+        return linear_for_few_rows(x, weight, bias, recipe)
+    return F.linear(x, weight, bias)
 
 
 def _planned_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

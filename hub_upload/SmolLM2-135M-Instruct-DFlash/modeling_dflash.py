@@ -41,9 +41,10 @@ class DFlashRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        x = hidden_states.float()
+        single = dtype == torch.float32  # no casts to dispatch: a draft runs ten of these norms on a few rows
+        x = hidden_states if single else hidden_states.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return self.weight * (x if single else x.to(dtype))
 
 
 class DFlashRotaryEmbedding(nn.Module):
@@ -70,20 +71,18 @@ class DFlashRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: [B, S] -> cos, sin: [B, S, head_dim]
-        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """position_ids: [B, S] -> cos, signed_sin: [B, S, head_dim], the tables of :func:`apply_rotary`;
+        ``signed_sin`` is the sine with its first half negated."""
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)  # [B, S, head_dim / 2]
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, S, D]; cos/sin: [B, S, D]
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention: ``x * cos + cat(-x2, x1) * sin`` (x1, x2 the halves of the last dim),
+    computed as ``x * cos + roll(x, half) * signed_sin``, which is the same product in fewer ops.
+    x: [B, heads, S, D]; cos, signed_sin: [B, S, D]."""
+    return x * cos.unsqueeze(1) + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin.unsqueeze(1)
 
 
 class DFlashAttention(nn.Module):
@@ -127,7 +126,8 @@ class DFlashAttention(nn.Module):
         query_slots: slice | None = None,
     ) -> torch.Tensor:
         """hidden_states: [B, Q, H] (normed block); context: [B, C, H] new context features (C may be 0).
-        rope_block: cos, sin [B, Q, head_dim] of the block; rope_keys: the same over ``cat(context, block)``.
+        rope_block: cos, signed_sin [B, Q, head_dim] of the block (``DFlashRotaryEmbedding``); rope_keys: the
+        same over ``cat(context, block)``.
 
         With ``attention_bias`` given (training), it is an additive [B or 1, 1, Q, C+Q] mask over
         ``cat(context, block)`` keys and the cache is not used. ``query_slots``: only these block slots query (all
@@ -390,11 +390,13 @@ class DFlashDraftModel(DFlashPreTrainedModel):
         dtype = self.fc.weight.dtype
         hidden = block_embeds.to(dtype)
         context = self.project_context(taps)
-        rope_block = self.rotary_emb(block_positions.clamp(min=0), dtype)
-        rope_context = self.rotary_emb(context_positions.clamp(min=0), dtype)
+        # One table over cat(context, block) positions: the keys use all of it, the block's queries its tail.
+        key_positions = torch.cat((context_positions, block_positions), dim=1).clamp(min=0)
+        rope_keys = self.rotary_emb(key_positions, dtype)
+        n_ctx = context_positions.shape[1]
         attn_kwargs = dict(
-            rope_block=rope_block,
-            rope_keys=tuple(torch.cat(pair, dim=1) for pair in zip(rope_context, rope_block)),
+            rope_block=tuple(table[:, n_ctx:] for table in rope_keys),
+            rope_keys=rope_keys,
             block_positions=block_positions,
             context_positions=context_positions,
             cache=cache,
