@@ -244,19 +244,6 @@ def test_impossible_num_speculative_tokens_is_refused(bad):
         target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=drafter)
 
 
-@pytest.mark.parametrize("rows", [2, 3, 7, 16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_few_row_linear_equals_the_linear_layer(rows, bias):
-    from dflash_hf.matmul_dflash import linear_for_few_rows
-
-    torch.manual_seed(rows)
-    layer = torch.nn.Linear(48, 500, bias=bias)
-    x = torch.randn(1, rows, 48)
-    out = linear_for_few_rows(x, layer.weight, layer.bias)
-    assert out.shape == (1, rows, 500) and out.is_contiguous()
-    torch.testing.assert_close(out, layer(x))
-
-
 def test_routed_linears_route_only_small_float32_cpu_products(monkeypatch):
     import dflash_hf.matmul_dflash as core
 
