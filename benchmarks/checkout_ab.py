@@ -29,7 +29,7 @@ import dflash_hf.modeling_dflash  # noqa: F401  (our generate patch and import h
 from dflash_hf.bench import load_prompt_file
 from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
-from dflash_hf.machine import cpu_facts
+from dflash_hf.machine import describe_cpu
 
 
 def load_other_checkout(root: Path, name: str = "dflash_other") -> ModuleType:
@@ -90,10 +90,8 @@ def main() -> None:
         print(f"prompt {i + 1}/{len(prompts)}: ms per token " +
               ", ".join(f"{name} {1e3 * seconds[name] / tokens[name]:.1f}" for name in sides), flush=True)
 
-    cpu = cpu_facts()
     plain_ms = 1e3 * seconds["plain"] / tokens["plain"]
-    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
-          f"{cpu['avx512_bf16']}); {torch.get_num_threads()} threads; {len(prompts)} prompts x "
+    print(f"CPU: {describe_cpu()}; {torch.get_num_threads()} threads; {len(prompts)} prompts x "
           f"{args.max_new_tokens} new tokens; plain {plain_ms:.2f} ms per token")
     print(f"{'side':<8}{'acceptance':>11}{'speedup':>9}{'draft ms':>10}{'verify ms':>11}{'(d+v)/plain':>13}"
           f"{'draft/plain':>13}{'same as plain':>15}")

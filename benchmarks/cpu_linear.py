@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dflash_hf.machine import cpu_facts
+from dflash_hf.machine import describe_cpu
 from dflash_hf.matmul_dflash import FEW_ROWS, FewRowPlan, FewRowRecipe, linear_for_few_rows
 
 # (out_features, in_features) of SmolLM2-135M: q/o, k/v, gate/up, down, LM head.
@@ -54,9 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     plan = FewRowPlan()
-    cpu = cpu_facts()
-    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
-          f"{cpu['avx512_bf16']}); torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     print(f"{'weight':>12} {'rows':>5} {'x @ W^T (us)':>14} {'W @ x^T (us)':>14} {'ratio':>7} {'plan':>10}"
           f" {'plan timing: BLAS / best routine (us)':>38} {'bfloat16 x @ W^T (us)':>22}")
     for out_features, in_features in SHAPES:

@@ -24,7 +24,7 @@ from dflash_hf.bench import load_prompt_file
 from dflash_hf.cache_dflash import DraftCache
 from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
-from dflash_hf.machine import cpu_facts
+from dflash_hf.machine import describe_cpu
 
 
 class ConcatenatingCache(DraftCache):
@@ -102,8 +102,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     target, tokenizer, drafter = load_default_pair()
-    cpu = cpu_facts()
-    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}); "
+    print(f"CPU: {describe_cpu()}; "
           f"{torch.get_num_threads()} threads")
     prompts = load_prompt_file(None, args.num_prompts)
     cases = {"short": prompts, "long": [(p + "\n") * args.long_repeats for p in prompts[:1]]}

@@ -24,7 +24,7 @@ from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
 from dflash_hf.draft_precision import fastest_drafter_dtype
 from dflash_hf.fileio import atomic_file, atomic_write_text
-from dflash_hf.machine import cpu_facts
+from dflash_hf.machine import cpu_facts, describe_cpu
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -106,8 +106,7 @@ def main() -> None:
                      for label in drafters},
         "auto_choice": {"dtype": name(chosen), "ms_per_draft": {name(d): round(1e3 * s, 2) for d, s in timings.items()}},
     }
-    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
-          f"{cpu['avx512_bf16']}); {results['threads']} threads; {len(prompts)} prompts, {args.max_new_tokens} new "
+    print(f"CPU: {describe_cpu(cpu)}; {results['threads']} threads; {len(prompts)} prompts, {args.max_new_tokens} new "
           f"tokens, greedy, float32 target")
     print(f"{'drafter':<10}{'accept':>8}{'speedup':>9}{'draft ms':>10}{'verify ms':>11}{'plain ms':>10}"
           f"{'draft/plain':>13}{'step/plain':>12}{'lossless':>10}")

@@ -29,7 +29,7 @@ from dflash_hf.bench import load_prompt_file
 from dflash_hf.cache_dflash import crop_cache
 from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
-from dflash_hf.machine import cpu_facts
+from dflash_hf.machine import describe_cpu
 from dflash_hf.transformers_compat import cache_from_output, forward_cache_kwarg
 
 
@@ -122,9 +122,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
     target, tokenizer, drafter = load_default_pair()
-    cpu = cpu_facts()
-    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
-          f"{cpu['avx512_bf16']}); {torch.get_num_threads()} threads; medians of {args.repeats}, interleaved")
+    print(f"CPU: {describe_cpu()}; {torch.get_num_threads()} threads; medians of {args.repeats}, interleaved")
     for title, results in (("4-token target forward", target_forwards(target, args.repeats)),
                            ("drafter forward (real draft inputs)", drafter_forwards(target, tokenizer, drafter,
                                                                                      args.repeats))):

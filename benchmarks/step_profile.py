@@ -33,7 +33,7 @@ import dflash_hf.matmul_dflash as matmul
 from dflash_hf.bench import load_prompt_file
 from dflash_hf.data import chat_prompt_ids
 from dflash_hf.default_pair import load_default_pair
-from dflash_hf.machine import cpu_facts
+from dflash_hf.machine import describe_cpu
 from dflash_hf.verify_dflash import BatchProcessorView, BlockVerifier
 
 spent: dict[str, float] = defaultdict(float)
@@ -160,9 +160,7 @@ def main() -> None:
     rows.append(("verify: the loop's own host work (commit, masks, stops)", verify_s - accounted))
     step_ms = 1e3 * (draft_s + verify_s) / steps
     plain_ms = 1e3 * plain_s / max(1, plain_tokens)
-    cpu = cpu_facts()
-    print(f"CPU: {cpu['cpu_model']} (family {cpu['cpu_family']}, model {cpu['cpu_model_number']}, avx512_bf16 "
-          f"{cpu['avx512_bf16']}); {torch.get_num_threads()} threads; {args.drafter_dtype} drafter; {len(prompts)} "
+    print(f"CPU: {describe_cpu()}; {torch.get_num_threads()} threads; {args.drafter_dtype} drafter; {len(prompts)} "
           f"prompts, {steps} DFlash steps, mean acceptance {sum(accepted) / steps:.2f}")
     print(f"{'piece':<58}{'ms/step':>9}{'% of step':>11}")
     for name, seconds in rows:

@@ -44,6 +44,14 @@ def cpu_facts(path: str = "/proc/cpuinfo") -> dict:
     return facts
 
 
+def describe_cpu(facts: dict | None = None) -> str:
+    """``MODEL (family F, model M, avx512_bf16 B)`` of ``facts`` (default: this machine's ``cpu_facts()``), the
+    line a benchmark prints beside its timings."""
+    facts = cpu_facts() if facts is None else facts
+    return (f"{facts['cpu_model']} (family {facts['cpu_family']}, model {facts['cpu_model_number']}, "
+            f"avx512_bf16 {facts['avx512_bf16']})")
+
+
 def _int_or_none(text: str | None) -> int | None:
     try:
         return int(text) if text is not None else None
@@ -51,4 +59,4 @@ def _int_or_none(text: str | None) -> int | None:
         return None
 
 
-__all__ = ["REPORTED_FLAGS", "cpu_facts", "parse_cpuinfo"]
+__all__ = ["REPORTED_FLAGS", "cpu_facts", "describe_cpu", "parse_cpuinfo"]

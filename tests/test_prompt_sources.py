@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import dflash_hf.cli as cli
 import dflash_hf.prompt_sources as sources
 from dflash_hf.data import chat_ids, generate_responses, load_records, regenerate, write_shards
-from dflash_hf.machine import parse_cpuinfo
+from dflash_hf.machine import describe_cpu, parse_cpuinfo
 from dflash_hf.prompt_sources import ParseReport, iter_json_array, load_sharegpt, split_of
 from dflash_hf.training import (
     FeatureDataset,
@@ -347,6 +347,7 @@ def test_cpuinfo_fields_are_read_from_the_first_processor():
     facts = parse_cpuinfo(text)
     assert facts == {"cpu_model": "AMD EPYC 7B13", "cpu_family": 25, "cpu_model_number": 1, "avx2": True,
                      "avx512f": True, "avx512_bf16": False, "amx_bf16": False}
+    assert describe_cpu(facts) == "AMD EPYC 7B13 (family 25, model 1, avx512_bf16 False)"  # the benchmarks' line
 
 
 @pytest.fixture(scope="module")
