@@ -481,3 +481,44 @@ def test_an_explicit_recipe_still_wins_over_the_checkpoint_s(exported, tmp_path)
     kept = hub.export_drafter(exported, tmp_path / "kept", base_model=BASE)
     assert json.loads((kept / "training.json").read_text()) == {"steps": 3}
     assert "| steps | 3 |" in (kept / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 17. Nothing in the repository shadows a real package when Python runs from its root (transformers >= 5.25
+#     imports Hugging Face's `kernels` for every model; our Triton code lives under kernels/ too)
+# ---------------------------------------------------------------------------------------------------------------
+_WHERE_KERNELS_RESOLVES = """
+import importlib.metadata, importlib.util, json
+spec = importlib.util.find_spec("kernels")
+try:
+    dist = importlib.metadata.distribution("kernels")
+    installed = str(dist.locate_file(""))
+except importlib.metadata.PackageNotFoundError:
+    installed = None
+print(json.dumps({"origin": spec and spec.origin, "locations": spec and list(spec.submodule_search_locations or []),
+                  "installed_at": installed}))
+"""
+
+
+def test_import_kernels_from_the_repository_root_is_never_ours():
+    """From the root, in a fresh interpreter (cwd first on sys.path): `kernels` is Hugging Face's package where it is
+    installed; where it is not, nothing of ours answers (at most the empty namespace of the kernels/ folder, which
+    holds no module: our code is the dflash_hf_kernels package inside it)."""
+    where = json.loads(_python(_WHERE_KERNELS_RESOLVES))
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert not list((ROOT / "kernels").glob("*.py")), "a module directly under kernels/ would import as kernels.<name>"
+    if where["installed_at"] is not None:
+        assert where["origin"] is not None and not Path(where["origin"]).resolve().is_relative_to(ROOT / "kernels")
+        assert Path(where["origin"]).resolve().is_relative_to(Path(where["installed_at"]).resolve()), where
+    else:
+        assert where["origin"] is None, where  # no regular package of that name anywhere, ours included
+
+
+def test_the_default_pair_loads_and_decodes_from_the_repository_root():
+    out = _python("import dflash_hf, dflash_hf.kernels as k, torch\n"
+                  "target, tokenizer, drafter = dflash_hf.load_default_pair()\n"
+                  "ids = torch.tensor([tokenizer.encode('Hello')])\n"
+                  "fast = target.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=drafter)\n"
+                  "plain = target.generate(ids, max_new_tokens=6, do_sample=False)\n"
+                  "print(k.__name__, torch.equal(fast, plain))\n")
+    assert out.split()[-2:] == ["dflash_hf.kernels", "True"]
