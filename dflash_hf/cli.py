@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PROMPT = "Explain in a few sentences why the sea is salty."
+# The first of assets/bench_prompts.jsonl (held out from training; its answer runs past 128 tokens; a test checks).
+DEFAULT_PROMPT = "Explain why the sky looks blue during the day and red at sunset."
 DTYPES = ("float32", "bfloat16", "float16")
 SUITE_NAMES = ("bench-prompts", "sharegpt-test", "humaneval")  # suites.SUITES (a test checks that they agree)
 TRAINING_SOURCE_NAMES = ("sharegpt", "chitchat")  # prompt_sources.TRAINING_SOURCES
@@ -227,12 +228,13 @@ def _load_drafter(source: str, target: Any, dtype: Any, option: str = "--drafter
 
 
 def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | None,
-               drafter_dtype: str | None = None) -> tuple[Any, Any, Any]:
+               drafter_dtype: str | None = None, calibration: Any = None) -> tuple[Any, Any, Any]:
     """The offline default pair, or a target (transformers id/folder) and a drafter (id/folder).
 
     The drafter takes the target's dtype unless ``drafter_dtype`` is given (drafts are proposals: a bfloat16
     drafter of a float32 target changes speed and acceptance, never the output). "auto": the target's dtype, or
-    whichever ``fastest_drafter_dtype`` measures faster on this machine, said on stderr."""
+    whichever ``fastest_drafter_dtype`` measures faster on this machine (read from ``calibration`` when an
+    earlier command measured it), said on stderr."""
     import torch
 
     with _reported():
@@ -246,20 +248,45 @@ def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | N
         chosen = drafter_dtype not in (None, "auto")
         drafter = _load_drafter(drafter_path, target, getattr(torch, drafter_dtype) if chosen else target.dtype)
     if drafter_dtype == "auto":
-        _to_fastest_dtype(target, drafter)
+        _to_fastest_dtype(target, drafter, calibration)
     return target, tokenizer, drafter
 
 
-def _to_fastest_dtype(target: Any, drafter: Any) -> None:
-    """Cast ``drafter`` to the dtype it drafts fastest in here (``fastest_drafter_dtype``) and say what was measured."""
-    from .draft_precision import fastest_drafter_dtype
+def _to_fastest_dtype(target: Any, drafter: Any, calibration: Any = None) -> None:
+    """Cast ``drafter`` to the dtype it drafts fastest in here (``fastest_drafter_dtype``, or the calibration's
+    answer from an earlier run) and say what was measured."""
+    from .calibration import Calibration
 
-    dtype, timings = fastest_drafter_dtype(target, drafter)
+    calibration = calibration or Calibration.load()
+    dtype, timings, cached = calibration.fastest_drafter_dtype(target, drafter)
     if timings:
         measured = ", ".join(f"{str(d).replace('torch.', '')} {1e3 * s:.1f} ms" for d, s in timings.items())
-        print(f"dflash-hf: drafter dtype {str(dtype).replace('torch.', '')} (one draft measured on this machine: "
-              f"{measured}; --drafter-dtype overrides)", file=sys.stderr)
+        when = f"cached in {calibration.path}; --recalibrate measures again" if cached else "measured now"
+        print(f"dflash-hf: drafter dtype {str(dtype).replace('torch.', '')} (one draft on this machine: "
+              f"{measured}; {when}; --drafter-dtype overrides)", file=sys.stderr)
     drafter.to(dtype)
+
+
+@contextlib.contextmanager
+def _machine_calibration(args: argparse.Namespace) -> Iterator[None]:
+    """For commands that load a pair: this machine's cached calibration is read before the command (``args.
+    calibration``) and what it measured is saved after it, so that the next command measures nothing."""
+    if not hasattr(args, "recalibrate"):
+        yield
+        return
+    from .calibration import Calibration
+
+    args.calibration = calibration = Calibration.load(refresh=args.recalibrate or None)
+    calibration.prime()
+    try:
+        yield
+    finally:
+        if calibration.record() or calibration.unsaved:
+            try:
+                calibration.save()
+            except OSError as err:  # a read-only cache costs the next run its calibration, not this run
+                print(f"dflash-hf: could not cache this machine's calibration in {calibration.path}: {err}",
+                      file=sys.stderr)
 
 
 def _chat_ids(tokenizer: Any, prompt: str, device: Any) -> Any:
@@ -274,41 +301,98 @@ def _chat_ids(tokenizer: Any, prompt: str, device: Any) -> Any:
 # demo, generate
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
     from transformers import TextStreamer
 
+    from .bench import run_bench, two_row_forward_ms
+    from .matmul_dflash import measured_plan
+
     started = time.perf_counter()
-    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
+                                            args.calibration)
     print(f"Loaded {target.config.name_or_path} + DFlash drafter (block {drafter.config.block_size}, "
-          f"{drafter.config.num_hidden_layers} layers) in {time.perf_counter() - started:.1f} s\n")
+          f"{drafter.config.num_hidden_layers} layers) in {time.perf_counter() - started:.1f} s")
+    print(f"Machine: {_device_line(target)}; target {_dtype_name(target.dtype)}, drafter "
+          f"{_dtype_name(drafter.dtype)}\n")
     ids = _chat_ids(tokenizer, args.prompt, target.device)
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    target.generate(ids, max_new_tokens=4, assistant_model=drafter)  # warm-up, so timings compare like with like
+    plan = measured_plan()
+    measuring_before = plan.measuring_s
     print(f"> {args.prompt}\n")
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    t0 = time.perf_counter()
-    fast = target.generate(ids, assistant_model=drafter, streamer=streamer, **common)
-    fast_s = time.perf_counter() - t0
-    stats = drafter.last_stats
-    t0 = time.perf_counter()
-    plain = target.generate(ids, **common)
-    plain_s = time.perf_counter() - t0
-    new = fast.shape[1] - ids.shape[1]
+    # The streamed answer is DFlash's warm-up (and where a fresh machine calibrates); the timings come after it.
+    target.generate(ids, assistant_model=drafter, streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                                                        skip_special_tokens=True), **common)
+    target.generate(ids, **{**common, "max_new_tokens": 8})  # plain's own warm-up
+    two_row_forward_ms(target, ids, repeats=1)  # the step-cost analysis's shapes, calibrated here too
     print()
-    print(f"mean acceptance length : {stats.mean_acceptance_length:.2f} tokens per target forward "
-          f"({stats.num_target_forwards} forwards for {new} tokens)")
-    print(f"DFlash                 : {new / fast_s:.1f} tokens/s")
-    print(f"plain generate         : {(plain.shape[1] - ids.shape[1]) / plain_s:.1f} tokens/s")
-    print(f"speedup                : {plain_s / fast_s * new / max(1, plain.shape[1] - ids.shape[1]):.2f}x")
-    print(f"identical to plain     : {torch.equal(fast, plain)}")
-    return 0 if torch.equal(fast, plain) else 1
+    _report_calibration(args.calibration, plan, plan.measuring_s - measuring_before)
+    timing_measures = plan.measuring_s
+    print(f"Timing {args.repeats} runs of each, plain and DFlash alternating, none streamed (as dflash-hf bench "
+          "times them):")
+    results = run_bench(target, tokenizer, drafter, [args.prompt] * args.repeats,
+                        max_new_tokens=args.max_new_tokens, methods=("plain", "dflash"), warmup=False)
+    if plan.measuring_s > timing_measures:  # not expected: the warm-ups met every shape the timed runs meet
+        print(f"(the few-row plan met new products while timing: {plan.measuring_s - timing_measures:.2f} s of "
+              "the timings were calibration; the next run has them cached)")
+    return _print_demo_results(results, args.repeats)
+
+
+def _device_line(target: Any) -> str:
+    import torch
+
+    from .machine import describe_cpu
+
+    device = next(target.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{describe_cpu()}, {torch.get_num_threads()} threads"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _report_calibration(calibration: Any, plan: Any, plan_s: float) -> None:
+    """Say what this machine's one-time calibration cost, apart from every timing, and where it is cached."""
+    new_shapes = calibration.record(plan)
+    measured_s = plan_s + calibration.probe_s
+    if measured_s > 0:
+        calibration.save()
+        print(f"One-time calibration: {measured_s:.1f} s (few-row plan: {new_shapes} matmul shapes timed in "
+              f"{plan_s:.1f} s during the answer above; drafter dtype probe {calibration.probe_s:.1f} s while "
+              f"loading), outside every timing; cached in {calibration.path}, so the next run measures nothing "
+              "(--recalibrate measures again)")
+    else:
+        print(f"Calibration: read from {calibration.path} ({len(calibration.few_row)} few-row plan choices); 0.0 s "
+              "spent measuring")
+
+
+def _print_demo_results(results: dict, repeats: int) -> int:
+    dflash, plain = results["methods"]["dflash"], results["methods"]["plain"]
+    new_tokens = results["per_prompt"][0]["new_tokens"]
+    same = repeats - len(results["mismatched_prompts"]["dflash"])
+    print(f"new tokens             : {new_tokens} per run")
+    print(f"mean acceptance length : {dflash['mean_acceptance_length']:.2f} tokens per target forward")
+    print(f"DFlash                 : {dflash['tokens_per_s']:.1f} tokens/s")
+    print(f"plain generate         : {plain['tokens_per_s']:.1f} tokens/s")
+    print(f"speedup                : {dflash['speedup']:.2f}x")
+    print(f"identical to plain     : {results['lossless']} ({same} of {repeats} runs)")
+    step = results["step_cost"]
+    if dflash["speedup"] < 1 and step is not None:
+        print(f"\nDFlash is slower than plain decoding here. One step (draft {step['draft_ms_per_step']:.1f} ms + "
+              f"verify {step['verify_ms_per_step']:.1f} ms) costs {step['break_even_acceptance_length']:.2f} plain "
+              f"tokens ({step['plain_ms_per_token']:.1f} ms each), so it pays off only when a step commits more "
+              f"than that; this drafter commits {dflash['mean_acceptance_length']:.2f} on this prompt. A drafter "
+              "that accepts more, or a machine where verifying a few rows costs little more than one (see "
+              "`dflash-hf bench --dtype bfloat16`), is what changes it.")
+    return 0 if results["lossless"] else 1
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
+                                            args.calibration)
     ids = _chat_ids(tokenizer, args.prompt, target.device)
     sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
     if args.seed is not None:
@@ -344,7 +428,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch_size and max(args.batch_size) > len(prompts):
         raise CommandError(f"--batch-size {max(args.batch_size)} needs at least that many prompts; "
                            f"{len(prompts)} were loaded (raise --num-prompts or give a longer --prompts file).")
-    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
+                                            args.calibration)
     _set_drafts_per_step(args, drafter)
     if args.batch_size:
         return _bench_batches(args, target, tokenizer, drafter, prompts)
@@ -354,7 +439,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_suites(args: argparse.Namespace, suites: dict[str, list[str]]) -> int:
     from .suites import format_suite_table, run_suites, write_suite_outputs
 
-    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype)
+    target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
+                                            args.calibration)
     _set_drafts_per_step(args, drafter)
     results = run_suites(target, tokenizer, drafter, suites, max_new_tokens=args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
@@ -475,6 +561,9 @@ def _add_pair_args(parser: argparse.ArgumentParser) -> None:
                         help="drafter dtype; changes speed and acceptance, never the output. auto (default): the "
                              "target's, or bfloat16 for a float32 CPU target where drafts measure clearly faster "
                              "in it on this machine")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="measure this machine's one-time calibration (few-row plan, drafter dtype) again "
+                             "instead of reading its cache (or set DFLASH_HF_RECALIBRATE=1)")
 
 
 def _add_demo(sub: Any) -> None:
@@ -485,6 +574,8 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument("--prompt", metavar="TEXT", default=DEFAULT_PROMPT, help="the user message")
     demo.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1), default=128,
                       help="tokens to generate at most")
+    demo.add_argument("--repeats", metavar="N", type=int_in_range(1), default=3,
+                      help="timed runs of each method, alternating")
     demo.set_defaults(func=cmd_demo, check=functools.partial(_check_pair_args, demo))
 
 
@@ -747,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "check", None) is not None:
         args.check(args)
     try:
-        return int(args.func(args) or 0)
+        with _machine_calibration(args):
+            return int(args.func(args) or 0)
     except CommandError as err:
         print(f"dflash-hf: error: {err}", file=sys.stderr)
         return 2

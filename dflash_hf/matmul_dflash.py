@@ -110,7 +110,9 @@ class FewRowPlan:
 
     Each product is timed the first time it is met (``time_products`` over BLAS and ``routine_recipes``: about a
     millisecond for most shapes, a few tenths of a second for a large LM head) and the answer is kept for the rest
-    of the process. The fastest recipe is taken unless BLAS is clearly faster than it.
+    of the process. The fastest recipe is taken unless BLAS is clearly faster than it. A product already in
+    ``choices`` is not timed: the tools fill it from an earlier process's measurements of the same machine
+    (``dflash_hf.calibration``; this module itself never touches files).
     """
 
     def __init__(self, measure: Callable[[torch.Tensor, int, torch.Tensor | None, Sequence[FewRowRecipe | None]],
@@ -119,6 +121,7 @@ class FewRowPlan:
         self._lock = threading.Lock()
         self.choices: dict[tuple[int, int, int, bool], FewRowRecipe | None] = {}  # (out, in, rows, bias) -> recipe
         self.timings: dict[tuple[int, int, int, bool], dict[FewRowRecipe | None, float]] = {}  # seconds by way
+        self.measuring_s = 0.0  # wall time spent timing products: a one-time cost a caller may report apart
 
     def recipe_for(self, weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> FewRowRecipe | None:
         key = (weight.shape[0], weight.shape[1], rows, bias is not None)  # a tuple: this runs for every product
@@ -129,7 +132,9 @@ class FewRowPlan:
         with self._lock:
             if key not in self.choices:
                 ways: list[FewRowRecipe | None] = [None, *routine_recipes(rows)]
+                started = time.perf_counter()
                 seconds = self.measure(weight.detach(), rows, None if bias is None else bias.detach(), ways)
+                self.measuring_s += time.perf_counter() - started
                 self.timings[key] = dict(zip(ways, seconds))
                 best = min(range(1, len(ways)), key=seconds.__getitem__)
                 self.choices[key] = None if seconds[0] < BLAS_MARGIN * seconds[best] else ways[best]
@@ -139,6 +144,8 @@ class FewRowPlan:
 class AlwaysRoutine:
     """The plan of ``drafter.few_row_matmul_on_cpu = "always"``: every few-row product takes the routine, over its
     own rows with a transposed copy."""
+
+    measuring_s = 0.0  # it never measures (the same field as FewRowPlan's, for callers that report it)
 
     def recipe_for(self, weight: torch.Tensor, rows: int, bias: torch.Tensor | None) -> FewRowRecipe | None:
         return FewRowRecipe(rows)

@@ -103,10 +103,39 @@ def test_shipped_drafter_folder_is_complete():
         assert (folder / name).is_file(), name
 
 
-def test_cli_demo(capsys):
-    assert cli_main(["demo", "--max-new-tokens", "24"]) == 0
-    out = capsys.readouterr().out
-    assert "mean acceptance length" in out and "identical to plain     : True" in out
+def test_the_demo_prompt_is_the_first_bench_prompt():
+    from dflash_hf.cli import DEFAULT_PROMPT
+    from dflash_hf.suites import bench_prompts
+
+    assert DEFAULT_PROMPT == bench_prompts(None, limit=1)[0]
+
+
+def _demo_output(capsys, monkeypatch, argv: list[str]) -> str:
+    """``dflash-hf demo`` as a fresh process would run it: the measured few-row plan (not the suite's
+    always-the-routine one), empty."""
+    import dflash_hf.matmul_dflash as core
+
+    fresh = core.FewRowPlan()
+    monkeypatch.setattr(core, "measured_plan", lambda: fresh)
+    assert cli_main(["demo", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_demo_times_both_warm_and_calibrates_once(tmp_path, capsys, monkeypatch):
+    import dflash_hf.calibration as calibration
+
+    monkeypatch.setattr(calibration, "cache_root", lambda: tmp_path)
+    first = _demo_output(capsys, monkeypatch, ["--repeats", "1"])
+    assert "Machine: " in first and "threads; target float32" in first
+    assert "One-time calibration: " in first and str(tmp_path / "calibration") in first
+    assert "identical to plain     : True (1 of 1 runs)" in first
+    new_tokens = int(first.split("new tokens             : ")[1].split()[0])
+    assert new_tokens >= 100  # the default prompt's answer is long enough to measure
+    second = _demo_output(capsys, monkeypatch, ["--repeats", "1"])
+    assert "One-time calibration" not in second and "0.0 s spent measuring" in second
+    assert "met new products while timing" not in first + second
+    recalibrated = _demo_output(capsys, monkeypatch, ["--repeats", "1", "--max-new-tokens", "8", "--recalibrate"])
+    assert "One-time calibration: " in recalibrated
 
 
 def test_cli_batched_bench(tmp_path, capsys):

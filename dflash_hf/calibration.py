@@ -1,0 +1,175 @@
+"""This machine's one-time measurements, kept on disk so that the next process starts at once.
+
+Two things are measured on first use, because no rule predicts them across CPUs: the few-row plan's choice for
+each (weight shape, rows) product (``matmul_dflash.FewRowPlan``) and the dtype a drafter drafts fastest in
+(``draft_precision.fastest_drafter_dtype``). Both depend on the CPU, the thread count and the library builds, so
+they are cached in one JSON file per (CPU model and flags, thread count, torch / transformers / dflash-hf
+versions) under ``cache_root()/calibration/``, written atomically. Another machine or an upgrade gets its own
+file. ``DFLASH_HF_RECALIBRATE=1`` (or a command's ``--recalibrate``) measures again and replaces the file.
+
+The portable core never reads these files (a published drafter must not touch the disk): the tools fill the
+in-memory plan from them before a command runs and save what it measured after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .default_pair import cache_root
+from .fileio import atomic_write_text
+from .machine import cpu_facts
+from . import matmul_dflash
+from .matmul_dflash import FewRowPlan, FewRowRecipe
+
+RECALIBRATE_ENV = "DFLASH_HF_RECALIBRATE"
+_FORMAT = 1
+
+
+def machine_identity() -> dict:
+    """What the cached measurements depend on: the CPU, the threads torch uses and the library versions."""
+    import transformers
+
+    from . import __version__
+
+    return {
+        "format": _FORMAT,
+        **cpu_facts(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dflash_hf": __version__,
+    }
+
+
+def calibration_path(identity: dict | None = None) -> Path:
+    """``cache_root()/calibration/<digest of machine_identity()>.json``."""
+    identity = machine_identity() if identity is None else identity
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "calibration" / f"{digest}.json"
+
+
+def recalibration_requested() -> bool:
+    return os.environ.get(RECALIBRATE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def drafter_key(target: Any, drafter: Any) -> str:
+    """The shapes a draft's cost depends on: the drafter's layers and the target's LM head it borrows."""
+    c = drafter.config
+    return (f"hidden{c.hidden_size}-layers{c.num_hidden_layers}-heads{c.num_attention_heads}/"
+            f"{c.num_key_value_heads}-mlp{c.intermediate_size}-block{c.block_size}-taps{c.num_taps}x"
+            f"{c.target_hidden_size}-vocab{target.config.vocab_size}-target_{str(target.dtype).replace('torch.', '')}")
+
+
+ShapeKey = tuple[int, int, int, bool]  # FewRowPlan's key: (out features, in features, rows, has bias)
+
+
+def _encode_few_row(choices: dict[ShapeKey, FewRowRecipe | None]) -> dict[str, list | None]:
+    """JSON form: ``"out,in,rows,bias"`` -> ``[rows, channels_last]``, or None where BLAS was chosen."""
+    return {",".join(map(str, key)): None if recipe is None else [recipe.rows, recipe.channels_last]
+            for key, recipe in sorted(choices.items())}
+
+
+def _decode_few_row(data: Any) -> dict[ShapeKey, FewRowRecipe | None]:
+    """The inverse of ``_encode_few_row``; raises ValueError/TypeError on anything it did not write."""
+    choices: dict[ShapeKey, FewRowRecipe | None] = {}
+    for key, value in dict(data).items():
+        out, inp, rows, bias = key.split(",")
+        if bias not in ("True", "False") or not (value is None or (isinstance(value, list) and len(value) == 2)):
+            raise ValueError(f"not a few-row plan entry: {key}: {value}")
+        recipe = None if value is None else FewRowRecipe(int(value[0]), bool(value[1]))
+        choices[(int(out), int(inp), int(rows), bias == "True")] = recipe
+    return choices
+
+
+@dataclass
+class Calibration:
+    """The cached measurements of one machine (``path``), as read at the start of a command.
+
+    ``few_row`` maps a plan key ``(out, in, rows, bias)`` to its recipe (None for BLAS); ``drafter_dtypes`` maps ``drafter_key`` to ``{"dtype": name, "timings_ms": {name: ms}}``.
+    """
+
+    path: Path
+    few_row: dict[ShapeKey, FewRowRecipe | None] = field(default_factory=dict)
+    drafter_dtypes: dict[str, dict] = field(default_factory=dict)
+    loaded_from_disk: bool = False
+    unsaved: bool = False  # a drafter dtype measured since loading (plan choices are compared in ``record``)
+    probe_s: float = 0.0  # wall time this process spent measuring drafter dtypes (the plan keeps its own)
+
+    @classmethod
+    def load(cls, path: Path | None = None, refresh: bool | None = None) -> "Calibration":
+        """The cached file for this machine, or an empty calibration where there is none, it is unreadable, or
+        ``refresh`` (default: ``DFLASH_HF_RECALIBRATE``) asks to measure again."""
+        path = calibration_path() if path is None else Path(path)
+        refresh = recalibration_requested() if refresh is None else refresh
+        if refresh or not path.is_file():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            few_row, dtypes = _decode_few_row(data["few_row"]), dict(data["drafter_dtypes"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return cls(path)  # a damaged cache is measured again and rewritten, never trusted
+        return cls(path, few_row, dtypes, loaded_from_disk=True)
+
+    def prime(self, plan: FewRowPlan | None = None) -> int:
+        """Fill ``plan`` (default: this process's measured plan) with the cached choices; how many it took."""
+        plan = matmul_dflash.measured_plan() if plan is None else plan
+        if not isinstance(plan, FewRowPlan):  # a plan that measures nothing (matmul_dflash.AlwaysRoutine)
+            return 0
+        missing = {key: recipe for key, recipe in self.few_row.items() if key not in plan.choices}
+        plan.choices.update(missing)
+        return len(missing)
+
+    def record(self, plan: FewRowPlan | None = None) -> int:
+        """Take ``plan``'s choices into this calibration; how many were new."""
+        plan = matmul_dflash.measured_plan() if plan is None else plan
+        if not isinstance(plan, FewRowPlan):
+            return 0
+        before = len(self.few_row)
+        for key, recipe in list(plan.choices.items()):
+            self.few_row.setdefault(key, recipe)
+        return len(self.few_row) - before
+
+    def save(self) -> None:
+        """Write this calibration to ``path`` atomically (a reader sees the old file or the new one)."""
+        payload = {"machine": machine_identity(), "few_row": _encode_few_row(self.few_row),
+                   "drafter_dtypes": self.drafter_dtypes}
+        atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+        self.unsaved = False
+
+    def fastest_drafter_dtype(self, target: Any, drafter: Any) -> tuple[torch.dtype, dict[torch.dtype, float], bool]:
+        """``(dtype, timings in seconds, cached)``: ``draft_precision.fastest_drafter_dtype``, measured once per
+        machine and drafter shape and then read from this calibration."""
+        from .draft_precision import fastest_drafter_dtype
+
+        key = drafter_key(target, drafter)
+        cached = self.drafter_dtypes.get(key)
+        if cached is not None:
+            try:
+                timings = {getattr(torch, name): ms / 1e3 for name, ms in cached["timings_ms"].items()}
+                return getattr(torch, cached["dtype"]), timings, True
+            except (AttributeError, KeyError, TypeError):
+                pass  # unreadable entry: measure again below
+        started = time.perf_counter()
+        dtype, timings = fastest_drafter_dtype(target, drafter)
+        self.probe_s += time.perf_counter() - started
+        if timings:  # a pair with no choice measures nothing and needs no entry
+            self.unsaved = True
+            self.drafter_dtypes[key] = {"dtype": _dtype_name(dtype),
+                                        "timings_ms": {_dtype_name(d): round(s * 1e3, 4) for d, s in timings.items()}}
+        return dtype, timings, False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+__all__ = ["RECALIBRATE_ENV", "Calibration", "calibration_path", "drafter_key", "machine_identity",
+           "recalibration_requested"]
