@@ -7,7 +7,8 @@ Responses come from batched local ``generate`` or from any OpenAI-compatible ser
 
 Output: ``shard-00000.jsonl …`` in an output folder, one record per line:
 ``{"prompt": str, "input_ids": [...prompt and response ids...], "prompt_len": int}``. Each shard is written
-atomically, and a rerun skips shards already there (resumable).
+atomically, and a rerun skips shards already there (resumable). Shards are read back only when every record has
+that shape (``read_data_shard``): a folder holding someone else's ``shard-00000.jsonl`` is refused, not resumed.
 
 Multi-turn conversations (``{"id": str, "turns": [user message, ...]}``, e.g. from ShareGPT) are answered turn by
 turn: the target writes answer k after the chat template of the conversation so far WITH ITS OWN earlier answers
@@ -32,22 +33,29 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write_text
+from .fileio import InputFileError, atomic_write_text, iter_json_objects, line_location
 
 _PLACEHOLDER = "\u2063DFLASH_USER_TURN\u2063"
 REGENERATION_LOG = "regeneration.jsonl"  # one line per regeneration run: sequences, tokens, seconds, tokens/s
 Prompt = Union[str, dict]  # a single-turn prompt, or a conversation {"id": ..., "turns": [user messages]}
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+PROMPT_FILE_FORMAT = ('A prompt file holds one JSON object per line, such as {"prompt": "..."} or '
+                      '{"messages": [{"role": "user", "content": "..."}]}.')
+
+
+def read_jsonl(path: str | os.PathLike, hint: str = "") -> list[dict]:
+    """The objects of a JSON-lines file, one per non-blank line. A line that is not UTF-8, not JSON or not an object
+    raises InputFileError (a ValueError) naming the file and the line, followed by ``hint``."""
+    return [record for _, record in iter_json_objects(path, hint)]
 
 
 def load_prompts(source: str, field: str = "prompt", split: str = "train", limit: int | None = None) -> list[str]:
-    """Prompts from a JSONL file (``field`` of each record, or ``messages[0].content``) or a ``datasets`` id."""
+    """Prompts from a JSONL file (``field`` of each record, or ``messages[0].content``) or a ``datasets`` id.
+
+    A file line that is not a JSON object raises InputFileError naming the file and the line."""
     if Path(source).is_file():
-        records: Iterable[dict] = read_jsonl(source)
+        records: Iterable[dict] = read_jsonl(source, hint=PROMPT_FILE_FORMAT)
     else:
         try:
             import datasets
@@ -60,8 +68,8 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train", limit
     prompts = []
     for record in records:
         text = record.get(field)
-        if text is None and isinstance(record.get("messages"), list) and record["messages"]:
-            text = record["messages"][0].get("content")
+        if text is None:
+            text = _first_message_content(record.get("messages"))
         if not isinstance(text, str) or not text.strip():
             continue
         prompts.append(text.strip())
@@ -70,6 +78,13 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train", limit
     if not prompts:
         raise ValueError(f"No prompts found in {source!r} (looked for the {field!r} field or messages[0].content).")
     return prompts
+
+
+def _first_message_content(messages: Any) -> Any:
+    """``messages[0]["content"]`` of a chat record, None when the record has no such message."""
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        return messages[0].get("content")
+    return None
 
 
 def user_turn_prefix(tokenizer: Any) -> str:
@@ -439,18 +454,20 @@ def _answer_ids(payload: dict, sent: list[int], where: str) -> list[int]:
     return ids
 
 
-def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, shard_size: int, skip_shards: int = 0) -> int:
-    """Write records to ``shard-NNNNN.jsonl`` files atomically, numbering from ``skip_shards``; returns count."""
+def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, shard_size: int, skip_shards: int = 0,
+                 mode: int | None = None) -> int:
+    """Write records to ``shard-NNNNN.jsonl`` files atomically, numbering from ``skip_shards``; returns count.
+    ``mode``: the files' permissions (default: a plain write's; ``fileio.PRIVATE_FILE_MODE`` for users' prompts)."""
     out_dir = Path(out_dir)
     buffer: list[str] = []
     index, written = skip_shards, 0
     for record in records:
         buffer.append(json.dumps(record))
         if len(buffer) == shard_size:
-            atomic_write_text(out_dir / f"shard-{index:05d}.jsonl", "\n".join(buffer) + "\n")
+            atomic_write_text(out_dir / f"shard-{index:05d}.jsonl", "\n".join(buffer) + "\n", mode)
             index, written, buffer = index + 1, written + len(buffer), []
     if buffer:
-        atomic_write_text(out_dir / f"shard-{index:05d}.jsonl", "\n".join(buffer) + "\n")
+        atomic_write_text(out_dir / f"shard-{index:05d}.jsonl", "\n".join(buffer) + "\n", mode)
         written += len(buffer)
     return written
 
@@ -553,17 +570,61 @@ def response_spans(record: dict) -> list[list[int]]:
     return record.get("response_spans") or [[int(record["prompt_len"]), len(record["input_ids"])]]
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def data_record_problem(record: dict) -> str | None:
+    """Why ``record`` is not a data-stage record (``input_ids``, ``prompt_len``, optional ``response_spans``, as
+    ``regenerate`` and ``traffic.build_adapt_data`` write them), or None."""
+    ids, prompt_len, spans = record.get("input_ids"), record.get("prompt_len"), record.get("response_spans")
+    if "input_ids" not in record:
+        return "the record has no 'input_ids'"
+    if not isinstance(ids, list):
+        return "its 'input_ids' is not a list of token ids"
+    if not _is_index(prompt_len) or not 0 <= prompt_len <= len(ids):
+        return f"its 'prompt_len' is {prompt_len!r}, not a position in its {len(ids)} input_ids"
+    if spans is not None and not (isinstance(spans, list) and all(_is_span(span, len(ids)) for span in spans)):
+        return "its 'response_spans' are not [start, end) pairs inside input_ids"
+    return None
+
+
+def _is_span(span: Any, length: int) -> bool:
+    return (isinstance(span, list) and len(span) == 2 and all(_is_index(end) for end in span)
+            and 0 <= span[0] <= span[1] <= length)
+
+
+def read_data_shard(path: str | os.PathLike) -> list[dict]:
+    """The records of a data-stage shard, refused (InputFileError) unless every one has the shape dflash-hf
+    writes: a folder must never resume from, or train on, a ``shard-*.jsonl`` some other tool wrote."""
+    path = Path(path)
+    way_out = f"Move it out of {path.parent}, or use another folder (a new --out for dflash-hf train)."
+    records = []
+    for number, record in iter_json_objects(path, hint=f"It is not a data shard dflash-hf wrote, or a damaged one. "
+                                                       f"{way_out}"):
+        problem = data_record_problem(record)
+        if problem is not None:
+            raise InputFileError(f"{line_location(path, number)}: not a data shard written by dflash-hf ({problem}). "
+                                 f"{way_out}")
+        records.append(record)
+    return records
+
+
 def count_records(data_dir: str | os.PathLike) -> int:
-    """Responses already written to ``data_dir`` (0 for a missing folder)."""
+    """Responses already written to ``data_dir`` (0 for a missing folder); shards dflash-hf did not write are
+    refused (``read_data_shard``)."""
     data_dir = Path(data_dir)
-    return sum(len(read_jsonl(shard)) for shard in sorted(data_dir.glob("shard-*.jsonl"))) if data_dir.is_dir() else 0
+    if not data_dir.is_dir():
+        return 0
+    return sum(len(read_data_shard(shard)) for shard in sorted(data_dir.glob("shard-*.jsonl")))
 
 
 def load_records(data_dir: str | os.PathLike) -> list[dict]:
+    """Every record of a data-stage folder, in shard order; shards dflash-hf did not write are refused."""
     shards = sorted(Path(data_dir).glob("shard-*.jsonl"))
     if not shards:
         raise FileNotFoundError(f"No shard-*.jsonl files in {data_dir}; run the regeneration stage first.")
-    return [record for shard in shards for record in read_jsonl(shard)]
+    return [record for shard in shards for record in read_data_shard(shard)]
 
 
 __all__ = [
@@ -576,11 +637,13 @@ __all__ = [
     "chat_ids",
     "chat_prompt_ids",
     "count_records",
+    "data_record_problem",
     "generate_responses",
     "load_prompts",
     "load_records",
     "magpie_prompts",
     "openai_responses",
+    "read_data_shard",
     "regenerate",
     "response_spans",
     "user_turn_prefix",

@@ -18,8 +18,10 @@ new one would take the folder past ``max_bytes``. One JSON object per line, one 
 - ``sampling``: the settings generate ran with (``SAMPLING_SETTINGS``);
 - ``acceptance_lengths``: one per verify step (None for imported logs).
 
-These records hold users' prompts verbatim (as token ids, which the tokenizer turns back into text). The folder
-is created readable by its owner only; delete it (or its shards) to delete them.
+These records hold users' prompts verbatim (as token ids, which the tokenizer turns back into text). Every shard
+is written readable by its owner only (0600), whatever the folder, and a folder the recorder creates is 0700; an
+existing folder that others can list is left as it is, with one warning. ``build_adapt_data``'s copies are private
+the same way. Delete the folder (or its shards) to delete the records.
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ from typing import Any
 import torch
 
 from .data import chat_ids, load_records, write_shards
-from .fileio import atomic_write_text, staging_dir
+from .fileio import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    InputFileError,
+    atomic_write_text,
+    iter_json_objects,
+    iter_text_lines,
+    line_location,
+    others_can_enter,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +70,9 @@ SAMPLING_SETTINGS = (
     "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "min_new_tokens", "max_length",
 )
 ADAPT_SUMMARY = "adapt_data.json"
+# What every traffic record holds, with the JSON types it holds them as (acceptance_lengths may be null).
+RECORD_FIELDS = {"time": (int, float), "prompt_ids": list, "generated_ids": list, "sampling": dict}
+_warned_open_folders: set[str] = set()  # traffic folders others can list, already warned about in this process
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -79,15 +94,36 @@ class ShardFolder:
     def total_bytes(self) -> int:
         return sum(_size(shard) for shard in self.shards())
 
+    def check_usable(self) -> None:
+        """Refuse a folder path that is a file or lies below one (NotADirectoryError), before anything is recorded;
+        warn once when the folder exists and others can list it."""
+        existing = _nearest_existing(self.folder)
+        if not existing.is_dir():
+            raise NotADirectoryError(
+                f"{existing} is a file, not a folder: traffic is recorded as shards in a folder. Pass the path of a "
+                "folder (a missing one is created)."
+            )
+        if existing == self.folder:
+            _warn_if_others_can_list(self.folder)
+
     def write(self, text: str) -> Path:
-        """Write ``text`` (JSON lines, ASCII) as a new shard; returns its path."""
-        if not self.folder.is_dir():
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # it will hold users' prompts
+        """Write ``text`` (JSON lines, ASCII) as a new shard, readable by its owner only; returns its path."""
+        self._ensure_private_folder()
         self._make_room(len(text))
         name = f"traffic-{time.time_ns():020d}-{os.getpid()}-{next(self._counter):06d}.jsonl"
         path = self.folder / name
-        atomic_write_text(path, text)
+        atomic_write_text(path, text, PRIVATE_FILE_MODE)  # it holds users' prompts
         return path
+
+    def _ensure_private_folder(self) -> None:
+        """Create the folder 0700 (whatever the umask), or warn once when the existing one is open to others."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            _warn_if_others_can_list(self.folder)
+        else:
+            os.chmod(self.folder, PRIVATE_DIR_MODE)
 
     def _make_room(self, incoming: int) -> None:
         if self.max_bytes is None:
@@ -106,6 +142,25 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:  # rotated away by another writer meanwhile
         return 0
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _warn_if_others_can_list(folder: Path) -> None:
+    """One warning per folder and process when users other than the owner may list ``folder``."""
+    key = str(folder.resolve())
+    if key in _warned_open_folders or not folder.is_dir() or not others_can_enter(folder):
+        return
+    _warned_open_folders.add(key)
+    logger.warning(
+        "The traffic folder %s is readable by other users (mode %o): the shards are written readable by you only, "
+        "but others can list them, and shards copied in from elsewhere keep their own modes. Run `chmod 700 %s` "
+        "to keep recorded prompts private.", folder, folder.stat().st_mode & 0o777, folder)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -161,6 +216,7 @@ class TrafficRecorder:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of bytes, got {value!r}.")
         self.shards = ShardFolder(folder, max_bytes)
+        self.shards.check_usable()  # a path that is a file fails here, not with a warning at every shard
         self.shard_bytes = min(shard_bytes, max_bytes)  # a shard must fit in the folder's bound
         self.calls = 0
         self.records = 0
@@ -242,6 +298,7 @@ def record_traffic(drafter: Any, folder: str | os.PathLike, max_bytes: int = DEF
 
     The folder never exceeds ``max_bytes`` of shards: the oldest are deleted first. Records are buffered and written
     in shards of at most ``shard_bytes``; the rest is written when the block ends. Outputs are not changed.
+    A ``folder`` that is a file, or lies below one, is refused (NotADirectoryError) when the block is entered.
     """
     if not getattr(drafter, "is_dflash_drafter", False):
         raise TypeError(f"record_traffic needs a DFlash drafter, got {type(drafter).__name__}.")
@@ -262,13 +319,37 @@ def record_traffic(drafter: Any, folder: str | os.PathLike, max_bytes: int = DEF
 
 
 def read_traffic(folder: str | os.PathLike) -> list[dict]:
-    """Every record of a traffic folder, oldest first (by ``time``; ties keep shard and line order)."""
+    """Every record of a traffic folder, oldest first (by ``time``; ties keep shard and line order).
+
+    A shard that is damaged, or holds lines that are not traffic records, raises InputFileError (a ValueError)
+    naming the shard, the line and what is wrong."""
     records = []
     for shard in ShardFolder(folder, None).shards():
-        with open(shard, encoding="utf-8") as handle:
-            records.extend(json.loads(line) for line in handle if line.strip())
+        records.extend(_read_traffic_shard(shard))
     records.sort(key=lambda record: record["time"])  # stable
     return records
+
+
+def _read_traffic_shard(shard: Path) -> list[dict]:
+    way_out = f"Move it out of {shard.parent} to use the other shards."
+    records = []
+    for number, record in iter_json_objects(shard, hint=f"The shard is damaged (cut off or edited). {way_out}"):
+        problem = _traffic_record_problem(record)
+        if problem is not None:
+            raise InputFileError(f"{line_location(shard, number)}: not a traffic record ({problem}); "
+                                 f"record_traffic and import_log write {', '.join(RECORD_FIELDS)}. {way_out}")
+        records.append(record)
+    return records
+
+
+def _traffic_record_problem(record: dict) -> str | None:
+    """Why ``record`` is not a traffic record (a field missing or of another type), or None."""
+    for name, kind in RECORD_FIELDS.items():
+        if name not in record:
+            return f"it has no {name!r}"
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            return f"its {name!r} is {record[name]!r:.60}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -401,16 +482,15 @@ def read_openai_chat_log(path: str | os.PathLike, tokenizer: Any, report: Import
     """Assistant turns of an OpenAI-format JSONL chat log (see ``_openai_turns`` for the two line shapes)."""
     report = report if report is not None else ImportReport()
     now, turns = time.time(), []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                report.skipped["line is not JSON"] += 1
-                continue
-            turns.extend(_openai_turns(tokenizer, entry, f"{path}:{number}", now, report.skipped))
+    for number, line in iter_text_lines(path):  # a byte that is not UTF-8 is refused, naming its line
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            report.skipped["line is not JSON"] += 1
+            continue
+        turns.extend(_openai_turns(tokenizer, entry, f"{path}:{number}", now, report.skipped))
     return turns
 
 
@@ -624,11 +704,12 @@ def build_adapt_data(
         "train_replay": replayed, "replay_share": replayed / len(train), "dropped_short": len(older) - len(trainable),
         "heldout_records": len(heldout), "heldout_from_time": heldout[0]["time"] if heldout else None,
     }
-    staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
+    staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.", mode=PRIVATE_DIR_MODE)  # users' prompts
     for name, part in (("train", train), ("heldout", heldout)):
-        (staging / name).mkdir()
-        write_shards(part, staging / name, shard_size)
-    atomic_write_text(staging / ADAPT_SUMMARY, json.dumps(summary, indent=2))
+        (staging / name).mkdir(mode=PRIVATE_DIR_MODE)
+        os.chmod(staging / name, PRIVATE_DIR_MODE)  # whatever the umask
+        write_shards(part, staging / name, shard_size, mode=PRIVATE_FILE_MODE)
+    atomic_write_text(staging / ADAPT_SUMMARY, json.dumps(summary, indent=2), PRIVATE_FILE_MODE)
     os.replace(staging, out_dir)
     return summary
 
@@ -656,11 +737,8 @@ def iter_heldout_requests(adapt_dir: str | os.PathLike) -> Iterable[tuple[list[i
     """``(prompt ids, generate kwargs)`` of every held-out record of a ``build_adapt_data`` folder, oldest first."""
     heldout = Path(adapt_dir) / "heldout"
     for shard in sorted(heldout.glob("shard-*.jsonl")):
-        with open(shard, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    yield record["input_ids"][: record["prompt_len"]], generate_kwargs(record["sampling"])
+        for _, record in iter_json_objects(shard):
+            yield record["input_ids"][: record["prompt_len"]], generate_kwargs(record["sampling"])
 
 
 __all__ = [
