@@ -99,6 +99,11 @@ class DFlashCandidateGenerator(CandidateGenerator):
         self.stats.draft_time_s += time.perf_counter() - t0
         return torch.cat((input_ids, drafts), dim=1), None
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Drafts proposed per step at most (transformers >= 5.25 asks, to size what a recurrent cache keeps)."""
+        return self.session.max_drafts
+
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int) -> None:
         """DFlash always proposes a full block; acceptance is inferred from ``input_ids`` in ``get_candidates``.
 
