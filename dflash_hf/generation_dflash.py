@@ -746,8 +746,6 @@ def _drop_surplus(cache: Any, snapshot: Any, surplus: int, accepted: int, block:
         return
     kept = accepted + 1 - surplus
     snapshot.restore(accepted + 1)  # back to before the block, then forward over the kept tokens only
-    if kept == 0:  # nothing of the block stays (transformers >= 5.25 refuses a forward over no tokens)
-        return
     forward(block[:, :kept], block_positions[:, :kept], prefill=False)
     taps.take()
     stats.num_rollback_forwards += 1
