@@ -425,12 +425,14 @@ def _check_request(
         raise ValueError("synced_gpus (FSDP/ZeRO-3 generation) is not supported with a DFlash assistant.")
 
 
-def _positions_from_mask(attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
-    """Rope positions [1, length] the way generate derives them (padding gets -1 here)."""
-    if attention_mask is None:
-        return torch.arange(length, device=device)[None]
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, -1)
+def _prompt_positions(model_kwargs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The prompt's RoPE positions [R, P] as generate prepared them (``position_ids``: the attention mask's running
+    count, 0 on masked slots), else derived from ``mask`` the same way. generate puts each new token one past the
+    prompt's last position, so a single prompt that ends in masked pad tokens continues from 1: so does DFlash."""
+    given = model_kwargs.get("position_ids")
+    if given is not None and given.shape == mask.shape:
+        return given.to(device=mask.device, dtype=torch.long)
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _batch_problem(num_rows: int, streamer: Any, want_outputs: bool, cache: Any) -> str | None:
@@ -457,8 +459,9 @@ class DecodeState:
 
     sequences: [N, max_length] token buffer, allocated once; ``lengths[b]`` of row b are real (left padding
         included), the rest is filled with the pad token when the output is assembled.
-    real_len: [R] real tokens committed before the pending token, i.e. the pending token's position;
-    padding: [R] left padding; mask: [R, S] attention mask over the target cache's slots, or None for one row
+    real_len: [R] the pending token's position (real tokens committed before it);
+    padding: [R] the row's length (pending token included) - real_len - 1: its left padding (for one prompt that
+        ends in masked pads, which generate continues from position 1, all of the prompt but one slot); mask: [R, S] attention mask over the target cache's slots, or None for one row
         without padding (no holes can ever appear then);
     context / context_positions: [R, C, K*H] / [R, C] taps of committed positions the drafter has not seen yet
         (-1 positions: holes and padding); next_token: [R] the pending token, committed but not yet processed.
@@ -474,6 +477,10 @@ class DecodeState:
     context_positions: torch.Tensor
     next_token: torch.Tensor
     finished: list[bool] = field(default_factory=list)
+    # Batches without an EOS criterion (see ``pads_finished_rows``): the length at which each row's criteria fired
+    # (None while running); such a row keeps writing, as in plain generate, until the batch's last row stops.
+    stopped_at: list[int | None] = field(default_factory=list)
+    limit: int = 0  # no row is written past this length: max_length, then the batch's end once every row stopped
 
     def row_ids(self, row: int) -> torch.Tensor:
         """Row ``row``'s sequence so far, [1, L]: what plain generate's criteria and processors see."""
@@ -490,6 +497,23 @@ class DecodeState:
         self.context_positions = self.context_positions[keep]
         if self.mask is not None:
             self.mask = self.mask[keep]
+
+
+def pads_finished_rows(stopping_criteria: Any) -> bool:
+    """transformers' rule for a batch: a row whose criteria fire gets pad tokens from then on only when some
+    criterion has an ``eos_token_id``; without one, plain generate keeps writing that row's own tokens until every
+    row has stopped (the same rule in every release we support)."""
+    return any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+
+
+def _end_batch_once_all_stopped(state: DecodeState) -> None:
+    """Rows that stopped without padding run on to the batch's end, the latest stop: once every row has stopped,
+    that end is known, and each row that reached it is finished."""
+    if any(at is None for at in state.stopped_at):
+        return
+    state.limit = min(state.limit, max(state.stopped_at))
+    for row, length in enumerate(state.lengths):
+        state.finished[row] = length >= state.limit
 
 
 def run_dflash_decoding(
@@ -524,7 +548,7 @@ def run_dflash_decoding(
         )
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask.to(device=device, dtype=torch.long)
-    if bool((mask[:, -1] == 0).any()):
+    if num_rows > 1 and bool((mask[:, -1] == 0).any()):  # one row: plain masks trailing pads, so do we
         raise ValueError(
             "The batch is right-padded; DFlash (like generate) needs left padding. Set "
             "tokenizer.padding_side = 'left' before tokenizing the prompts."
@@ -550,15 +574,18 @@ def run_dflash_decoding(
 
     sequences = input_ids.new_zeros(num_rows, max(generation_config.max_length, input_ids.shape[1]))
     sequences[:, : input_ids.shape[1]] = input_ids
-    real_len = mask.sum(dim=1)
-    prompt_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)[:, cached:]  # [R, P]: -1 on padding
+    positions = _prompt_positions(model_kwargs, mask)  # [R, P]
+    real_len = positions[:, -1] + 1
+    prompt_positions = positions.masked_fill(mask == 0, -1)[:, cached:]  # [R, P]: -1 on padding
     state = DecodeState(
         sequences=sequences, lengths=[input_ids.shape[1]] * num_rows, live=list(range(num_rows)),
         real_len=real_len, padding=input_ids.shape[1] - real_len,
         mask=None if num_rows == 1 and bool(mask.all()) else mask,
         context=input_ids.new_empty(0), context_positions=prompt_positions, next_token=input_ids[:, -1],
-        finished=[False] * num_rows,
+        finished=[False] * num_rows, stopped_at=[None] * num_rows, limit=generation_config.max_length,
     )
+    # One row always ends at its stop; a batch pads the rows that stop first only under transformers' rule.
+    pad_stopped_rows = num_rows == 1 or pads_finished_rows(stopping_criteria)
 
     def forward(tokens: torch.Tensor, token_positions: torch.Tensor, prefill: bool) -> torch.Tensor:
         """One target forward over tokens [R, T] at positions [R, T] on the cache; prefill keeps the last logits."""
@@ -574,9 +601,12 @@ def run_dflash_decoding(
 
     def commit(i: int, tokens: torch.Tensor, step_scores: torch.Tensor, step_logits: torch.Tensor) -> bool:
         """Append live row i's tokens [k] one at a time, exactly as plain generate would, checking its stopping
-        criteria after each; True once one fires (the rest of ``tokens`` is dropped)."""
+        criteria after each; True once one fires (the rest of ``tokens`` is dropped). A batch row that stops
+        without padding (``pad_stopped_rows`` false) keeps all its tokens and is finished by
+        ``_end_batch_once_all_stopped``."""
         row = state.live[i]
         start = state.lengths[row]
+        tokens = tokens[: max(state.limit - start, 0)]
         state.sequences[row, start : start + tokens.shape[0]] = tokens  # past ``lengths`` nothing is visible
         for t in range(tokens.shape[0]):
             state.lengths[row] = start + t + 1
@@ -587,13 +617,18 @@ def run_dflash_decoding(
                 scores_out.append(step_scores[None, t])
             if want_logits:  # float32, as plain generate returns them whatever the model's dtype
                 logits_out.append(step_logits[None, t].float())
+            if state.stopped_at[row] is not None:
+                continue
             if bool(stopping_criteria(state.row_ids(row), step_scores[None, t]).any()):
-                if streamer is not None:
-                    streamer.put(tokens[: t + 1].cpu())
+                if not pad_stopped_rows:
+                    state.stopped_at[row] = state.lengths[row]
+                    continue
+                if streamer is not None:  # [1, k], one row as transformers' loops pass it
+                    streamer.put(tokens[None, : t + 1].cpu())
                 return True
         if streamer is not None:
-            streamer.put(tokens.cpu())
-        return False
+            streamer.put(tokens[None].cpu())
+        return state.stopped_at[row] is not None and state.lengths[row] >= state.limit  # ran on to the end
 
     with TapRecorder(target, drafter.config.target_layer_ids, session.device) as taps, torch.no_grad(), \
             routed_linears(target, device, options.few_row_matmul_on_cpu):
@@ -611,7 +646,9 @@ def run_dflash_decoding(
         _, state.next_token = verifier.verify(scores, no_drafts, torch.zeros_like(real_len), real_len)
         stats.prefill_time_s = time.perf_counter() - t0
         state.finished = [commit(i, state.next_token[i : i + 1], scores[i], logits[i]) for i in range(num_rows)]
-        peak_slots = cache.get_seq_length()
+        if not pad_stopped_rows:
+            _end_batch_once_all_stopped(state)
+        peak_slots = int(cache.get_seq_length())
 
         while True:
             # 1. Finished rows leave the batch and stop costing work.
@@ -628,7 +665,7 @@ def run_dflash_decoding(
             # 2. Draft: never past max_length, so a row near its end verifies fewer drafts (its extra slots are holes).
             t0 = time.perf_counter()
             cur_len = state.padding + state.real_len + 1  # each row's sequence length, its pending token included
-            num_drafts = (generation_config.max_length - cur_len - 1).clamp(min=0, max=session.max_drafts)
+            num_drafts = (state.limit - cur_len - 1).clamp(min=0, max=session.max_drafts)
             width = int(num_drafts.max())
             draft_logits = session.propose(state.next_token, state.real_len.to(session.device), state.context,
                                            state.context_positions)[:, :width].to(device)  # [R, n, V]
@@ -651,7 +688,7 @@ def run_dflash_decoding(
             if snapshot is not None:
                 snapshot.take()
             logits = forward(block, block_positions, prefill=False)  # [R, n+1, V]
-            peak_slots = max(peak_slots, cache.get_seq_length())
+            peak_slots = max(peak_slots, int(cache.get_seq_length()))
             scores = processors.block_scores(logits, rows, state.all_rows() if processors else [], drafts)
             accepted, next_token = verifier.verify(scores, drafts, num_drafts, state.real_len + 1, draft_scores)
 
@@ -690,6 +727,8 @@ def run_dflash_decoding(
                     stats.rows[row].acceptance_lengths.append(a + 1)
                 committed = torch.cat((drafts[i, :a], next_token[i : i + 1]))
                 state.finished[row] = commit(i, committed, scores[i], logits[i])
+            if not pad_stopped_rows:
+                _end_batch_once_all_stopped(state)
 
             # 6. One row: a stop inside the block leaves processed tokens past the end of the sequence; drop them so
             #    the cache it returns holds what plain generate's does. A batch: squeeze holes once worth a gather.
@@ -705,14 +744,16 @@ def run_dflash_decoding(
                 state.mask = left_aligned_mask(state.mask)
             stats.verify_time_s += time.perf_counter() - t1
 
-        stats.draft_cache_bytes = session.cache.nbytes()
+        stats.draft_cache_bytes = int(session.cache.nbytes())
         if num_rows > 1:
-            stats.draft_cache_slots = session.cache.length()
+            stats.draft_cache_slots = int(session.cache.length())
             stats.peak_cache_slots = peak_slots
 
     if streamer is not None:
         streamer.end()
     if num_rows > 1:
+        if not pad_stopped_rows:
+            _trim_to_batch_end(state, stats)
         output = _assemble_batch(state, pad_token)
         report_finished_call(drafter, output, mask, stats, generation_config)
         # Finished rows left the cache: it no longer matches the batch, so none is returned.
@@ -749,6 +790,17 @@ def _drop_surplus(cache: Any, snapshot: Any, surplus: int, accepted: int, block:
     forward(block[:, :kept], block_positions[:, :kept], prefill=False)
     taps.take()
     stats.num_rollback_forwards += 1
+
+
+def _trim_to_batch_end(state: DecodeState, stats: DFlashStats) -> None:
+    """Drop the tokens rows that ran on after their stop wrote past the batch's end (their last block may overshoot
+    it before the last row stopped), from the sequences and from the counts."""
+    for row, length in enumerate(state.lengths):
+        extra = length - state.limit
+        if extra > 0:
+            state.lengths[row] = state.limit
+            stats.new_tokens -= extra
+            stats.rows[row].new_tokens -= extra
 
 
 def _assemble_batch(state: DecodeState, pad_token: Any) -> torch.Tensor:

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .cache_dflash import DraftCache
-from .configuration_dflash import DFlashConfig, default_target_layer_ids
+from .configuration_dflash import DFlashConfig, default_target_layer_ids, describe_config_weight_disagreement
 from .generation_dflash import (
     DFlashOptions,
     DFlashStats,
@@ -330,6 +330,9 @@ class DFlashDraftModel(DFlashPreTrainedModel):
                 f"{folder} has no config.json: it is not a complete drafter checkpoint (download it again, or point "
                 "at the folder that holds config.json and model.safetensors)."
             )
+        # Mismatched shapes are loaded (and refused below) rather than raised by transformers: its error does not
+        # say which config field disagrees with which tensor, and would read as a corrupt download.
+        kwargs["ignore_mismatched_sizes"] = True
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -341,7 +344,10 @@ class DFlashDraftModel(DFlashPreTrainedModel):
                 f"Could not read the drafter weights in {pretrained_model_name_or_path!s}: {error}. The checkpoint "
                 "looks incomplete or corrupt; download it again."
             ) from error
-        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if info.get("mismatched_keys"):
+            raise ValueError(describe_config_weight_disagreement(
+                model.config, info["mismatched_keys"], str(pretrained_model_name_or_path)))
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys")}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
             details = "; ".join(f"{k.replace('_', ' ')}: {v[:6]}{' …' if len(v) > 6 else ''}" for k, v in problems.items())

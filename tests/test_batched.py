@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import VOCAB, make_drafter, make_target
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dflash_hf.cache_dflash import COMPACT_MIN_HOLES
@@ -246,3 +249,63 @@ def test_interrupted_batch_leaves_the_target_clean():
     assert FailLate.calls > 12
     assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
     assert torch.equal(target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), before)
+
+
+class StopRowAfter(StoppingCriteria):
+    """A custom criterion without ``eos_token_id``: the row whose padded prompt is a key of ``stops`` stops once it
+    has that many new tokens. It reads only the rows it is given, so it works on any batch (plain generate passes
+    the whole batch, DFlash one row at a time)."""
+
+    def __init__(self, prompt_width: int, stops: dict[tuple[int, ...], int]) -> None:
+        self.prompt_width = prompt_width
+        self.stops = stops
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        new_tokens = input_ids.shape[1] - self.prompt_width
+        wanted = [self.stops.get(tuple(row[: self.prompt_width].tolist())) for row in input_ids]
+        return torch.tensor([n is not None and new_tokens >= n for n in wanted], device=input_ids.device)
+
+
+@pytest.mark.parametrize(
+    "stops, max_new_tokens, extra",
+    [
+        ((3, 10, None), 17, {}),  # the last row runs to max_new_tokens
+        ((7, 2, 12), 30, {}),  # every row stops by its criterion: the batch ends at the latest stop
+        ((5, 11, 1), 20, {"pad_token_id": 0}),  # a pad token alone does not make generate pad (no EOS criterion)
+    ],
+)
+def test_rows_stopped_without_eos_keep_writing_like_plain_batched_generate(family, stops, max_new_tokens, extra):
+    """transformers pads a finished row only when an EOS criterion exists; with a custom criterion alone plain
+    batched generate keeps writing stopped rows until every row has stopped, and so must DFlash."""
+    target = make_target(family)
+    drafter = make_drafter(target, block_size=4)
+    rows = prompts((5, 9, 2), seed=21)
+    ids, mask = left_pad(rows)
+    stop_after = {tuple(padded.tolist()): n for padded, n in zip(ids, stops) if n is not None}
+    kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+    plain = target.generate(ids, stopping_criteria=StoppingCriteriaList([StopRowAfter(ids.shape[1], stop_after)]),
+                            **kwargs)
+    fast = target.generate(ids, stopping_criteria=StoppingCriteriaList([StopRowAfter(ids.shape[1], stop_after)]),
+                           assistant_model=drafter, **kwargs)
+    assert plain.shape[1] - ids.shape[1] == max(n or max_new_tokens for n in stops)
+    assert fast.tolist() == plain.tolist()
+    stats = drafter.last_stats
+    assert [r.new_tokens for r in stats.rows] == [plain.shape[1] - ids.shape[1]] * len(rows)
+    assert stats.new_tokens == sum(r.new_tokens for r in stats.rows)
+
+
+def test_static_cache_batch_stats_are_plain_python_numbers():
+    """Every stats field is a plain Python value (not a tensor), so ``as_dict()`` goes through json.dumps."""
+    target = make_target("qwen3")
+    drafter = make_drafter(target)
+    ids, mask = left_pad(prompts())
+    target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, cache_implementation="static",
+                    assistant_model=drafter)
+    stats = drafter.last_stats
+    for one in (stats, *stats.rows):
+        for name, value in one.as_dict().items():
+            if name != "rows":
+                values = value if isinstance(value, list) else [value]
+                assert all(type(v) in (int, float, str) for v in values), f"{name} = {value!r}"
+    assert stats.peak_cache_slots > 0
+    assert json.loads(json.dumps(stats.as_dict()))["peak_cache_slots"] == stats.peak_cache_slots

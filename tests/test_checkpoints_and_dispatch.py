@@ -109,6 +109,31 @@ def test_zlab_checkpoint_loads_exactly_and_decodes_losslessly(tmp_path):
     assert torch.equal(plain, target.generate(prompt, max_new_tokens=16, do_sample=False, assistant_model=drafter))
 
 
+@pytest.mark.parametrize(
+    "edit, field, tensor, shape",
+    [
+        ({"hidden_size": 48}, "hidden_size=48", "fc.weight", "[32, 64]"),
+        ({"dflash_config": {"mask_token_id": VOCAB - 1, "target_layer_ids": [1]}}, "target_layer_ids",
+         "fc.weight", "[32, 64]"),
+        ({"target_hidden_size": 16}, "target_hidden_size=16", "fc.weight", "[32, 64]"),
+        ({"intermediate_size": 96}, "intermediate_size=96", "layers.0.mlp.gate_proj.weight", "[64, 32]"),
+        ({"num_key_value_heads": 4}, "num_key_value_heads=4", "layers.0.self_attn.k_proj.weight", "[16, 32]"),
+    ],
+)
+def test_config_that_disagrees_with_its_weights_names_the_field_and_the_tensor(tmp_path, edit, field, tensor,
+                                                                             shape):
+    """An edited config.json is not a corrupt download: the error says which config field disagrees with which
+    tensor of the checkpoint, and how to get out."""
+    (tmp_path / "config.json").write_text(json.dumps({**zlab_config(), **edit}))
+    save_file(zlab_tensors(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as raised:
+        DFlashDraftModel.from_pretrained(tmp_path)
+    message = str(raised.value)
+    assert field in message and tensor in message and shape in message, message
+    assert "config.json" in message
+    assert "download" not in message and "corrupt" not in message
+
+
 def test_save_pretrained_roundtrip_keeps_format(tmp_path):
     target = make_target("qwen3")
     drafter = make_drafter(target)

@@ -140,6 +140,55 @@ def test_streamer_receives_committed_tokens_in_order(scripted):
     assert any(len(chunk) > 1 for chunk in streamer.chunks[1:])  # whole accepted blocks arrive at once
 
 
+class RowStreamer(BaseStreamer):
+    """A custom streamer that reads ``value[0]``, as streamers written for transformers' loops do: every put after
+    the prompt must be one row, [1, k], as transformers' assisted loop passes it."""
+
+    def __init__(self):
+        self.shapes = []
+        self.tokens = []
+
+    def put(self, value):
+        self.shapes.append(tuple(value.shape))
+        self.tokens.append(value[0].tolist())
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("stop_at", [None, 11])
+def test_streamer_gets_one_row_per_put_as_transformers_passes_it(scripted, stop_at):
+    target = make_target("llama")
+    drafter = make_drafter(target)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(13))
+    reference = target.generate(prompt, max_new_tokens=20, do_sample=False)
+    stop = StoppingCriteriaList([StopAfterToken(int(reference[0, 5 + stop_at]))] if stop_at else [])
+    scripted(reference, [None, 4])
+    streamer = RowStreamer()
+    out = target.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=drafter, streamer=streamer,
+                          stopping_criteria=stop)
+    assert streamer.shapes[0] == (1, 5)
+    assert all(len(shape) == 2 and shape[0] == 1 for shape in streamer.shapes[1:]), streamer.shapes
+    assert [t for chunk in streamer.tokens[1:] for t in chunk] == out[0, 5:].tolist()
+
+
+@pytest.mark.parametrize("tail, explicit_mask", [([3], False), ([3, 3], False), ([3, 7, 3], False), ([3], True)])
+def test_single_prompt_ending_in_the_pad_token_runs_like_plain(family, tail, explicit_mask):
+    """One prompt whose last token is the pad token, pad_token_id set: plain generate masks the pad slots (and
+    warns only for batches); DFlash runs it too and writes the same tokens."""
+    target = make_target(family)
+    drafter = make_drafter(target)
+    pad = 3
+    head = torch.randint(4, VOCAB, (6,), generator=torch.Generator().manual_seed(17))
+    prompt = torch.cat((head, torch.tensor(tail)))[None]
+    kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=pad)
+    if explicit_mask:
+        kwargs["attention_mask"] = prompt.ne(pad).long()
+    plain = target.generate(prompt, **kwargs)
+    fast = target.generate(prompt, assistant_model=drafter, **kwargs)
+    assert fast.tolist() == plain.tolist()
+
+
 class StopAfterToken(StoppingCriteria):
     def __init__(self, token):
         self.token = token

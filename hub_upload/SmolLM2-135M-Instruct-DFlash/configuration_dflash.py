@@ -220,6 +220,63 @@ class DFlashConfig(PretrainedConfig):
         return out
 
 
+def _config_fields_of_tensor_dims(config: DFlashConfig) -> dict[str, tuple[str, ...]]:
+    """For each drafter tensor (name without its ``layers.{i}.`` prefix), the config fields that size each of its
+    dimensions, as they read in config.json."""
+    hidden = f"hidden_size={config.hidden_size}"
+    heads = f"num_attention_heads={config.num_attention_heads} × head_dim={config.head_dim}"
+    kv_heads = f"num_key_value_heads={config.num_key_value_heads} × head_dim={config.head_dim}"
+    head = f"head_dim={config.head_dim}"
+    inner = f"intermediate_size={config.intermediate_size}"
+    taps = (f"len(target_layer_ids)={len(config.target_layer_ids or [])} (target_layer_ids="
+            f"{config.target_layer_ids}) × target_hidden_size={config.target_hidden_size}")
+    return {
+        "fc.weight": (hidden, taps),
+        "hidden_norm.weight": (hidden,), "norm.weight": (hidden,),
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads, hidden), "self_attn.q_proj.bias": (heads,),
+        "self_attn.k_proj.weight": (kv_heads, hidden), "self_attn.k_proj.bias": (kv_heads,),
+        "self_attn.v_proj.weight": (kv_heads, hidden), "self_attn.v_proj.bias": (kv_heads,),
+        "self_attn.o_proj.weight": (hidden, heads), "self_attn.o_proj.bias": (hidden,),
+        "self_attn.q_norm.weight": (head,), "self_attn.k_norm.weight": (head,),
+        "mlp.gate_proj.weight": (inner, hidden), "mlp.up_proj.weight": (inner, hidden),
+        "mlp.down_proj.weight": (hidden, inner),
+    }
+
+
+def describe_config_weight_disagreement(config: DFlashConfig, mismatched: Any, source: str) -> str:
+    """The error for a checkpoint whose tensors have other shapes than its config.json implies (an edited config,
+    or weights of another drafter): which config field disagrees with which tensor's shape, and the ways out.
+
+    ``mismatched``: (tensor name, shape in the checkpoint, shape the config gives) triples, as transformers'
+    loading info lists them."""
+    fields_of = _config_fields_of_tensor_dims(config)
+    disagreements: dict[tuple[str, int], list[str]] = {}  # (field, size it gives) -> "tensor [shape]" entries
+    for name, found, expected in sorted(mismatched, key=lambda entry: entry[0]):
+        found, expected = list(found), list(expected)
+        parts_of_name = name.split(".")
+        if parts_of_name[0] == "layers" and len(parts_of_name) > 2 and parts_of_name[1].isdigit():
+            parts_of_name = parts_of_name[2:]  # a decoder layer's tensor: its name without "layers.{i}."
+        fields = fields_of.get(".".join(parts_of_name))
+        if fields is None or len(fields) != len(found) or len(found) != len(expected):
+            disagreements.setdefault((f"the model built from config.json (expects {expected})", -1), []).append(
+                f"{name} {found}")
+            continue
+        for dim, (field, size, want) in enumerate(zip(fields, found, expected)):
+            if size != want:
+                disagreements.setdefault((field, want), []).append(f"{name} {found} (dim {dim} is {size})")
+    parts = []
+    for (field, want), tensors in disagreements.items():
+        listed = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+        gives = "" if want < 0 or field.endswith(f"={want}") else f" gives {want}"
+        parts.append(f"{field}{gives}, but the checkpoint has {listed}")
+    return (
+        f"The drafter's config.json in {source} disagrees with its weights: " + "; ".join(parts) + ". The weights "
+        "are readable, they were made for other settings: put the values the checkpoint was made with back into "
+        "config.json (or re-export the drafter), or pair this config with the weights it was written for."
+    )
+
+
 # Plausibility bounds: far above any real model, low enough that weight shapes cannot overflow int64.
 _MAX_WIDTH = 2**20
 _MAX_COUNT = 2**12
@@ -315,4 +372,4 @@ def _layer_types(layer_types: Any, num_layers: int, config: DFlashConfig) -> lis
     return list(layer_types)
 
 
-__all__ = ["DFlashConfig", "default_target_layer_ids"]
+__all__ = ["DFlashConfig", "default_target_layer_ids", "describe_config_weight_disagreement"]
