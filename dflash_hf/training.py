@@ -18,10 +18,12 @@ learns to predict a user's next message or the template around it; the context i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -420,12 +422,19 @@ def train_drafter(
     config: TrainConfig,
     resume: bool = True,
     stop_after: int | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> dict:
     """Train ``drafter`` (embedding and LM head come frozen from ``target``); checkpoints to ``out_dir``.
 
     With ``resume``, training continues from the newest checkpoint and ends with the same weights as an
-    uninterrupted run (data order and anchors depend only on the seed and the step). ``stop_after`` ends the
-    run early after that many steps (for tests of interruption).
+    uninterrupted run (initial weights aside, everything random is drawn from the seed: data order and anchors
+    from the seed and the step, anything else from the global generator, seeded here and saved in each checkpoint).
+    A checkpoint made with other settings is refused (``ResumeMismatch``): another drafter shape, any TrainConfig
+    field but ``steps`` (which may grow), ``save_every`` and ``log_every``, or a value of ``recipe`` (the caller's
+    own settings, saved with each checkpoint). Without ``resume`` training starts over, and its first checkpoint
+    replaces the folder's older ones. ``history.jsonl`` gets each step's metrics before every checkpoint, so an
+    interrupted run keeps the log of the steps it saved. ``stop_after`` ends the run early after that many steps
+    (for tests of interruption).
     """
     from accelerate import Accelerator
 
@@ -451,6 +460,7 @@ def train_drafter(
     embed = target.get_input_embeddings().requires_grad_(False)
     lm_head = DraftHead(target.get_output_embeddings().requires_grad_(False),
                         getattr(drafter.config, "draft_vocab", None))
+    saved_with = {"drafter": drafter_shape(drafter), "recipe": _as_json(dict(recipe or {}))}
     drafter.train()
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -459,42 +469,186 @@ def train_drafter(
     drafter, optimizer, scheduler = accelerator.prepare(drafter, optimizer, scheduler)
     weights = loss_weights(drafter.config.block_size, config.gamma)
 
-    start_step = 0
-    if resume:
-        latest = _latest_checkpoint(out_dir)
-        if latest is not None:
-            accelerator.load_state(str(latest))
-            start_step = int(json.loads((latest / "progress.json").read_text())["step"])
     history: list[dict] = []
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = tqdm(range(start_step, end), desc="training", unit="step", initial=start_step, total=config.steps)
-    for step in bar:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        picks = torch.randint(len(dataset), (config.batch_size,), generator=generator)
-        metrics = {"loss": 0.0, "acc_slot1": 0.0, "accept_len": 0.0}
-        for index in picks.tolist():
-            ids, taps, prompt_len = dataset[index]
-            spans = dataset.spans[index]
-            anchors = sample_anchors(prompt_len, ids.shape[0], config.num_anchors, generator, spans)
-            with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
-                loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors, weights,
-                                     anchor_label_ends(anchors, spans), dataset.teachers[index], config.distill)
-            accelerator.backward(loss / config.batch_size)
-            for key in metrics:
-                metrics[key] += m[key] / config.batch_size
-        accelerator.clip_grad_norm_(drafter.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics["step"] = step + 1
-        metrics["lr"] = scheduler.get_last_lr()[0]
-        history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc_slot1']:.2f}", tau=f"{metrics['accept_len']:.2f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == end:
-            _save_checkpoint(accelerator, out_dir, step + 1, config)
-    _append_history(out_dir / "history.jsonl", history)
+    unsaved: list[dict] = []  # rows of history.jsonl not written yet
+    with _seeded_global_rng(config.seed):
+        start_step = _resume(accelerator, out_dir, config, saved_with) if resume else 0
+        end = config.steps if stop_after is None else min(config.steps, stop_after)
+        bar = tqdm(range(start_step, end), desc="training", unit="step", initial=start_step, total=config.steps)
+        for step in bar:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            picks = torch.randint(len(dataset), (config.batch_size,), generator=generator)
+            metrics = {"loss": 0.0, "acc_slot1": 0.0, "accept_len": 0.0}
+            for index in picks.tolist():
+                ids, taps, prompt_len = dataset[index]
+                spans = dataset.spans[index]
+                anchors = sample_anchors(prompt_len, ids.shape[0], config.num_anchors, generator, spans)
+                with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+                    loss, m = block_loss(accelerator.unwrap_model(drafter), embed, lm_head, ids, taps, anchors,
+                                         weights, anchor_label_ends(anchors, spans), dataset.teachers[index],
+                                         config.distill)
+                accelerator.backward(loss / config.batch_size)
+                for key in metrics:
+                    metrics[key] += m[key] / config.batch_size
+            accelerator.clip_grad_norm_(drafter.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics["step"] = step + 1
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            history.append(metrics)
+            unsaved.append(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc_slot1']:.2f}",
+                            tau=f"{metrics['accept_len']:.2f}")
+            if (step + 1) % config.save_every == 0 or step + 1 == end:
+                # The log first: a kill between the two leaves rows past the checkpoint, which the resumed run
+                # replaces; the other order would lose the rows of the steps the checkpoint holds.
+                _append_history(out_dir / HISTORY_FILE, unsaved)
+                unsaved = []
+                _save_checkpoint(accelerator, out_dir, step + 1, config, saved_with)
     drafter = accelerator.unwrap_model(drafter).eval()
     return {"final_step": end, "history": history}
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    """The global generators (CPU and every GPU) seeded from ``seed`` inside, as the caller had them after: dropout
+    or anything else that draws from them during training follows the seed, and never shifts the caller's draws."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed * 1_000_003 + 999_983)
+        yield
+
+
+def _resume(accelerator: Any, out_dir: Path, config: TrainConfig, saved_with: dict) -> int:
+    """Load the newest checkpoint of ``out_dir`` (model, optimizer, scheduler, generators); returns its step, 0 when
+    there is none. Raises ResumeMismatch when it was made with other settings than this run."""
+    found = latest_progress(out_dir)
+    if found is None:
+        return 0
+    checkpoint, progress = found
+    differences = resume_differences(progress, config, saved_with["drafter"], saved_with["recipe"])
+    if differences:
+        raise ResumeMismatch(checkpoint, differences, progress.get("drafter"))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except RuntimeError as err:  # a checkpoint saved before its drafter's shape was recorded with it
+        layers = _saved_layer_count(checkpoint)
+        differences = {"num_hidden_layers": (layers, saved_with["drafter"]["num_hidden_layers"])}
+        raise ResumeMismatch(checkpoint, differences, {"num_hidden_layers": layers},
+                             detail=str(err).splitlines()[0]) from err
+    return int(progress["step"])
+
+
+def _saved_layer_count(checkpoint: Path) -> int | None:
+    """The number of decoder layers in a checkpoint's saved weights (``layers.N.…`` keys), None if unreadable."""
+    indices = set()
+    for weights in checkpoint.glob("model*.safetensors"):
+        with safe_open(str(weights), framework="pt") as handle:
+            indices |= {int(key.split(".")[1]) for key in handle.keys() if key.startswith("layers.")}
+    return len(indices) or None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What a checkpoint was made with
+# ------------------------------------------------------------------------------------------------------------------
+HISTORY_FILE = "history.jsonl"  # the trainer's per-step metrics, beside the checkpoints
+# TrainConfig fields that only say when to save or log: a resumed run may change them.
+BOOKKEEPING_FIELDS = ("save_every", "log_every")
+
+
+def drafter_shape(drafter: Any) -> dict:
+    """The drafter config values its weights' shapes (and the meaning of its features) depend on; saved with each
+    checkpoint, so that resuming it with another drafter is refused in those words."""
+    config = drafter.config
+    vocab = getattr(config, "draft_vocab", None)
+    return {
+        "num_hidden_layers": config.num_hidden_layers, "block_size": config.block_size,
+        "target_layer_ids": list(config.target_layer_ids), "mask_token_id": config.mask_token_id,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "draft_vocab_size": None if vocab is None else len(vocab),
+    }
+
+
+def latest_progress(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """``(newest complete checkpoint, its progress.json)`` in ``checkpoint_dir``, None when it holds none."""
+    latest = _latest_checkpoint(Path(checkpoint_dir))
+    if latest is None:
+        return None
+    return latest, json.loads((latest / "progress.json").read_text(encoding="utf-8"))
+
+
+def resume_differences(progress: Mapping[str, Any], config: TrainConfig, shape: Mapping[str, Any] | None = None,
+                       recipe: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Each setting a checkpoint was made with (its ``progress.json``) that this run has otherwise, as
+    ``{name: (the checkpoint's value, this run's)}``: TrainConfig fields (``steps`` may grow, bookkeeping fields
+    may change), and where the checkpoint saved them the drafter's shape (``drafter_shape``) and the caller's
+    ``recipe``. Checkpoints older than these records are compared on what they hold."""
+    differences: dict[str, tuple[Any, Any]] = {}
+    saved_config = progress.get("config", {})
+    for name, value in _as_json(asdict(config)).items():
+        if name in BOOKKEEPING_FIELDS or name not in saved_config:
+            continue
+        saved = saved_config[name]
+        if (value < saved) if name == "steps" else (value != saved):
+            differences[name] = (saved, value)
+    for saved_part, ours in ((progress.get("drafter"), shape), (progress.get("recipe"), recipe)):
+        if saved_part is None or ours is None:
+            continue
+        ours = _as_json(dict(ours))
+        for name in dict.fromkeys([*saved_part, *ours]):
+            if saved_part.get(name) != ours.get(name):
+                differences.setdefault(name, (saved_part.get(name), ours.get(name)))
+    return differences
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint made with other settings than the run that would resume it. ``differences`` maps each setting
+    to ``(the checkpoint's value, this run's)``; ``shape`` is the checkpoint's drafter shape where known.
+    ``explain(names, fresh_start)`` words it for a command (its option names, its way to start over)."""
+
+    def __init__(self, checkpoint: Path, differences: dict[str, tuple[Any, Any]],
+                 shape: Mapping[str, Any] | None = None, detail: str | None = None) -> None:
+        self.checkpoint, self.differences, self.shape, self.detail = Path(checkpoint), differences, shape, detail
+        super().__init__(self.explain())
+
+    def explain(self, names: Mapping[str, str] | None = None,
+                fresh_start: str = "pass resume=False (its first checkpoint replaces these) or another folder") -> str:
+        """One line: the checkpoint, its drafter's shape, each differing setting with both values (named by
+        ``names``, a setting named twice said once) and the two ways out."""
+        names = names or {}
+        listed: dict[str, tuple[Any, Any]] = {}
+        for key, values in self.differences.items():
+            listed.setdefault(names.get(key, key), values)
+        said = ", ".join(f"{name} {_shown(saved)} (this run: {_shown(ours)})" for name, (saved, ours) in listed.items())
+        holds = f" holds a drafter of {describe_shape(self.shape)} and" if self.shape else ""
+        detail = f" ({self.detail})" if self.detail else ""
+        return (f"{self.checkpoint}{holds} was made with other settings than this run: {said}{detail}. "
+                f"To resume it, rerun with the checkpoint's values; to train with this run's from the start, "
+                f"{fresh_start}.")
+
+
+def describe_shape(shape: Mapping[str, Any]) -> str:
+    """``2 layers, block size 8, taps [1, 2]``: the parts of a drafter shape that are known."""
+    parts = []
+    layers = shape.get("num_hidden_layers")
+    if layers is not None:
+        parts.append(f"{layers} layer{'s' if layers != 1 else ''}")
+    if shape.get("block_size") is not None:
+        parts.append(f"block size {shape['block_size']}")
+    if shape.get("target_layer_ids") is not None:
+        parts.append(f"taps {shape['target_layer_ids']}")
+    return ", ".join(parts) or "unknown shape"
+
+
+def _shown(value: Any) -> str:
+    return "not given" if value is None else str(value)
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths strings), to compare with a saved one."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _latest_checkpoint(out_dir: Path) -> Path | None:
@@ -502,13 +656,17 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, config: TrainConfig) -> None:
-    """Atomic: written to a temporary folder, renamed when complete; older checkpoints are pruned."""
+def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, config: TrainConfig,
+                     saved_with: Mapping[str, Any] | None = None) -> None:
+    """Atomic: written to a temporary folder, renamed when complete; every other checkpoint is then pruned (a run
+    started over replaces those of the earlier one). ``progress.json`` holds the step, the config and
+    ``saved_with`` (the drafter's shape and the caller's recipe), which a resume is checked against."""
     final = out_dir / f"checkpoint-{step}"
     tmp = staging_dir(out_dir, prefix=f".checkpoint-{step}-")
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
-        atomic_write_text(tmp / "progress.json", json.dumps({"step": step, "config": asdict(config)}))
+        progress = {"step": step, "config": asdict(config), **(saved_with or {})}
+        atomic_write_text(tmp / "progress.json", json.dumps(progress))
         make_shareable(tmp)  # safetensors writes its files 0600
         if final.exists():
             shutil.rmtree(final)
@@ -517,7 +675,7 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, step: int, config: TrainCo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in out_dir.glob("checkpoint-*"):
-        if old != final and int(old.name.split("-")[1]) < step:
+        if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -565,20 +723,37 @@ def summarize_run(run_dir: str | os.PathLike) -> dict:
 
 
 def _append_history(path: Path, rows: list[dict]) -> None:
-    previous = path.read_text() if path.exists() else ""
-    atomic_write_text(path, previous + "".join(json.dumps(r) + "\n" for r in rows))
+    """Add ``rows`` (consecutive steps) to the log atomically, dropping its rows from their first step on: those
+    were written by a run killed before its checkpoint, or by an earlier run started over."""
+    if not rows:
+        return
+    first = rows[0]["step"]
+    kept = [line for line in _history_lines(path) if json.loads(line).get("step", 0) < first]
+    atomic_write_text(path, "".join(line + "\n" for line in kept) + "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _history_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 __all__ = [
     "DraftHead",
     "FeatureDataset",
+    "HISTORY_FILE",
+    "ResumeMismatch",
     "TEACHER_TOPK",
     "TrainConfig",
     "block_attention_mask",
     "anchor_label_ends",
     "block_loss",
+    "describe_shape",
     "draft_vocabulary",
+    "drafter_shape",
     "extract_features",
+    "latest_progress",
+    "resume_differences",
     "vocabulary_coverage",
     "loss_weights",
     "sample_anchors",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -150,3 +152,110 @@ def test_unsupported_mixed_precision_is_refused(trained_setup, tmp_path):
     with pytest.raises(ValueError, match="fp16"):
         train_drafter(drafter, target, FeatureDataset(root / "features"), tmp_path,
                       TrainConfig(steps=1, mixed_precision="fp16"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interrupted runs: the per-step log survives a kill; a checkpoint resumes only with the settings that made it
+# ---------------------------------------------------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands for a kill of the process (not an Exception: nothing in the trainer may swallow it)."""
+
+
+def _new_drafter(target, layers=1, block_size=4):
+    torch.manual_seed(123)
+    return DFlashDraftModel.from_target(target, num_hidden_layers=layers, block_size=block_size,
+                                        target_layer_ids=[1, 2])
+
+
+def _history(folder):
+    return [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kill", ["after checkpoint-5", "before checkpoint-10"])
+def test_a_killed_run_keeps_the_log_of_every_step_once_resumed(trained_setup, tmp_path, monkeypatch, kill):
+    """Killed right after checkpoint-5 is saved, or after the log of steps 6-10 is written but before checkpoint-10:
+    once resumed, history.jsonl holds every step once, as an uninterrupted run's."""
+    import dflash_hf.training as training
+
+    root, target, _ = trained_setup
+    dataset = FeatureDataset(root / "features")
+    config = TrainConfig(steps=12, batch_size=2, num_anchors=4, lr=1e-3, save_every=5)
+    straight = train_drafter(_new_drafter(target), target, dataset, tmp_path / "straight", config)["history"]
+    assert [row["step"] for row in _history(tmp_path / "straight")] == list(range(1, 13))
+
+    save = training._save_checkpoint
+
+    def killed_at(accelerator, out_dir, step, *args, **kwargs):
+        if kill == "before checkpoint-10" and step == 10:
+            raise Killed
+        save(accelerator, out_dir, step, *args, **kwargs)
+        if kill == "after checkpoint-5" and step == 5:
+            raise Killed
+
+    monkeypatch.setattr(training, "_save_checkpoint", killed_at)
+    with pytest.raises(Killed):
+        train_drafter(_new_drafter(target), target, dataset, tmp_path / "killed", config)
+    assert [row["step"] for row in _history(tmp_path / "killed")] == list(range(1, 6 if "5" in kill else 11))
+    monkeypatch.setattr(training, "_save_checkpoint", save)
+    train_drafter(_new_drafter(target), target, dataset, tmp_path / "killed", config)
+    assert _history(tmp_path / "killed") == straight
+
+
+def test_a_run_started_over_replaces_the_earlier_checkpoints_and_log(trained_setup, tmp_path):
+    root, target, _ = trained_setup
+    dataset = FeatureDataset(root / "features")
+    train_drafter(_new_drafter(target), target, dataset, tmp_path,
+                  TrainConfig(steps=6, batch_size=2, num_anchors=4, save_every=3))
+    train_drafter(_new_drafter(target), target, dataset, tmp_path,
+                  TrainConfig(steps=2, batch_size=2, num_anchors=4, lr=1e-3, save_every=3), resume=False)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-6 is gone
+    assert [row["step"] for row in _history(tmp_path)] == [1, 2]
+
+
+@pytest.mark.parametrize(("layers", "block_size", "said"), [
+    (2, 4, "num_hidden_layers 1 (this run: 2)"),
+    (1, 8, "block_size 4 (this run: 8)"),
+])
+def test_resuming_with_a_drafter_of_another_shape_says_the_checkpoint_s_shape_and_the_ways_out(
+        trained_setup, tmp_path, layers, block_size, said):
+    root, target, _ = trained_setup
+    dataset = FeatureDataset(root / "features")
+    config = TrainConfig(steps=2, batch_size=2, num_anchors=4, save_every=2)
+    train_drafter(_new_drafter(target), target, dataset, tmp_path, config)
+    with pytest.raises(ValueError) as info:
+        train_drafter(_new_drafter(target, layers, block_size), target, dataset, tmp_path, config)
+    message = str(info.value)
+    assert "checkpoint-2 holds a drafter of 1 layer, block size 4, taps [1, 2]" in message and said in message
+    assert "rerun with the checkpoint's values" in message and "resume=False" in message
+
+
+def test_a_checkpoint_saved_without_its_shape_still_names_its_layer_count(trained_setup, tmp_path):
+    """A checkpoint written before shapes were saved with it: loading fails in load_state, and is reported so."""
+    root, target, _ = trained_setup
+    dataset = FeatureDataset(root / "features")
+    config = TrainConfig(steps=2, batch_size=2, num_anchors=4, save_every=2)
+    train_drafter(_new_drafter(target), target, dataset, tmp_path, config)
+    progress_path = tmp_path / "checkpoint-2" / "progress.json"
+    progress = json.loads(progress_path.read_text())
+    progress_path.write_text(json.dumps({"step": progress["step"], "config": progress["config"]}))
+    with pytest.raises(ValueError, match=r"num_hidden_layers 1 \(this run: 2\)"):
+        train_drafter(_new_drafter(target, layers=2), target, dataset, tmp_path, config)
+
+
+def test_a_checkpoint_resumes_only_with_its_settings_and_steps_may_grow(trained_setup, tmp_path):
+    from dflash_hf.training import ResumeMismatch
+
+    root, target, _ = trained_setup
+    dataset = FeatureDataset(root / "features")
+    config = TrainConfig(steps=2, batch_size=2, num_anchors=4, lr=1e-3, save_every=2)
+    train_drafter(_new_drafter(target), target, dataset, tmp_path, config, recipe={"data": "a"})
+    for changed, said in ((dict(lr=1e-2), "lr 0.001 (this run: 0.01)"), (dict(steps=1), "steps 2 (this run: 1)"),
+                          (dict(seed=3), "seed 0 (this run: 3)")):
+        with pytest.raises(ResumeMismatch, match=re.escape(said)):
+            train_drafter(_new_drafter(target), target, dataset, tmp_path, dataclasses.replace(config, **changed),
+                          recipe={"data": "a"})
+    with pytest.raises(ResumeMismatch, match=re.escape("data a (this run: b)")):
+        train_drafter(_new_drafter(target), target, dataset, tmp_path, config, recipe={"data": "b"})
+    grown = train_drafter(_new_drafter(target), target, dataset, tmp_path,
+                          dataclasses.replace(config, steps=4, save_every=1), recipe={"data": "a"})
+    assert [row["step"] for row in grown["history"]] == [3, 4]
