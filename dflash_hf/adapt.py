@@ -13,6 +13,10 @@ A run folder is made in resumable stages:
 The adapted drafter is kept as ``drafter/`` only when its general acceptance falls by at most ``tolerance``
 (relative) and it stays lossless; otherwise it stays in ``adapted-drafter/``, the report says why, and
 ``AdaptRejected`` is raised. Its ``training.json`` cites the base drafter's recipe.
+
+A rerun on the same folder resumes it, or judges the saved runs again with another ``tolerance``; any other option
+than the tolerance (and ``save_every``) differing from ``adapt_options.json`` is refused, so that the folder's
+recipe is always the one that made its data, weights and evaluation.
 """
 
 from __future__ import annotations
@@ -40,12 +44,20 @@ from .training import (
     FeatureDataset,
     TrainConfig,
     extract_features,
+    latest_progress,
     train_drafter,
 )
 
 REPORT_JSON = "adapt_report.json"
 REPORT_PNG = "adapt_report.png"
 EVALUATION_JSON = "evaluation.json"  # the side-by-side runs, before the verdict
+OPTIONS_JSON = "adapt_options.json"  # the options the folder's data, weights and evaluation were made with
+# What a rerun may change: the verdict's tolerance (the saved runs are judged again), how often it saves, the line
+# command.json records; the folder itself.
+RERUN_FREE_FIELDS = ("out", "tolerance", "save_every", "command_line")
+# The AdaptSpec fields the trainer reads (TrainConfig's names): checked against the checkpoints of a folder made
+# before adapt_options.json existed.
+TRAIN_FIELDS = ("steps", "batch_size", "num_anchors", "lr", "distill", "mixed_precision", "seed")
 ADAPTED = "adapted-drafter"  # the fine-tuned weights, before the verdict
 ACCEPTED = "drafter"  # the same, once within tolerance
 
@@ -180,6 +192,7 @@ def run_adapt(spec: AdaptSpec) -> dict:
     from .cli import _load_drafter, _load_target, input_errors_as
 
     out = Path(spec.out)
+    check_rerun(spec)
     with input_errors_as(AdaptInputError):
         target, tokenizer = _load_target(spec.target)
         base = _load_drafter(str(spec.drafter), target, target.dtype, "--drafter")
@@ -190,10 +203,11 @@ def run_adapt(spec: AdaptSpec) -> dict:
         data = build_adapt_data(spec.traffic, out / "adapt_data", heldout_fraction=spec.heldout_fraction,
                                 replay_data_dir=_data_folder(spec.replay_data), replay_fraction=spec.replay_fraction,
                                 seed=spec.seed)
+        atomic_write_text(out / OPTIONS_JSON, json.dumps(run_options(spec), indent=2) + "\n")
     print(f"adapt data: {data['train_traffic']} traffic + {data['train_replay']} replay records to train on, "
           f"{data['heldout_records']} newest held out ({data['dropped_short']} too short to train on)")
     extract_features(target, out / "adapt_data" / "train", out / "features", base.config.target_layer_ids,
-                     teacher_top_k=TEACHER_TOPK if spec.distill > 0 else 0)
+                     teacher_top_k=TEACHER_TOPK if spec.distill > 0 else 0, private=True)  # they hold prompt ids
     timings["data and features"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -217,6 +231,55 @@ def run_adapt(spec: AdaptSpec) -> dict:
     _accept(out)
     print(f"adapted drafter saved to {out / ACCEPTED}")
     return report
+
+
+def run_options(spec: AdaptSpec) -> dict:
+    """What ``adapt_options.json`` records: every option but ``RERUN_FREE_FIELDS``, paths made absolute."""
+    return {f.name: _comparable(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+            if f.name not in RERUN_FREE_FIELDS}
+
+
+def check_rerun(spec: AdaptSpec) -> None:
+    """Refuse to rerun ``spec`` on a folder made with other options (AdaptInputError naming each, with both values),
+    before anything is loaded or written: the folder's data, adapted drafter and evaluation are reused as they are,
+    so only the tolerance may change. A folder from before ``adapt_options.json`` is checked against its
+    checkpoints' training settings."""
+    out = Path(spec.out)
+    recorded = out / OPTIONS_JSON
+    if recorded.is_file():
+        saved, ours = json.loads(recorded.read_text(encoding="utf-8")), run_options(spec)
+        differences = {name: (saved.get(name), value) for name, value in ours.items() if saved.get(name) != value}
+    else:
+        differences = _checkpoint_differences(spec, out)
+    if differences:
+        said = ", ".join(f"--{name.replace('_', '-')} {_shown(saved)} (this run: {_shown(value)})"
+                         for name, (saved, value) in differences.items())
+        raise AdaptInputError(
+            f"{out} was made with other options: {said}. Its data, adapted drafter and evaluation come from those "
+            "and are reused; only --tolerance may change on a rerun (the saved runs are judged again). Rerun with "
+            "the folder's values, or use another --out folder for these.")
+
+
+def _checkpoint_differences(spec: AdaptSpec, out: Path) -> dict:
+    found = latest_progress(out / "checkpoints")
+    if found is None:
+        return {}
+    saved = found[1].get("config", {})
+    return {name: (saved[name], getattr(spec, name)) for name in TRAIN_FIELDS
+            if name in saved and saved[name] != getattr(spec, name)}
+
+
+def _comparable(value: Any) -> Any:
+    """A value as JSON holds it; a path that exists as its absolute form (one folder named two ways is one)."""
+    if isinstance(value, tuple):
+        return [_comparable(v) for v in value]
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and os.path.exists(value)):
+        return str(Path(value).resolve()) if os.path.exists(value) else str(value)
+    return value
+
+
+def _shown(value: Any) -> str:
+    return "not given" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _data_folder(path: str | os.PathLike | None) -> Path | None:
@@ -372,5 +435,5 @@ def _as_command(spec: AdaptSpec) -> str:
     return " ".join(words)
 
 
-__all__ = ["ADAPT_SUMMARY", "AdaptInputError", "AdaptRejected", "AdaptSpec", "DrafterRun", "compare_drafters", "format_report",
-           "run_adapt"]
+__all__ = ["ADAPT_SUMMARY", "AdaptInputError", "AdaptRejected", "AdaptSpec", "DrafterRun", "OPTIONS_JSON", "check_rerun",
+           "compare_drafters", "format_report", "run_adapt", "run_options"]

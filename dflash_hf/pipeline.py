@@ -9,7 +9,8 @@ A run folder is made in three resumable stages, each a function of its own:
 
 ``command.json`` and ``timings.json`` (wall time per stage, summed over invocations) sit next to them. Rerun on the
 same folder to resume: saved prompts, responses and features are kept, and training goes on from the newest
-checkpoint.
+checkpoint. A rerun is checked first (``check_rerun``): options that shaped the folder's data (``data_options.json``)
+or its checkpoints (saved with each) cannot change, except that ``num_prompts`` and ``steps`` may grow.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ from .training import (
     TEACHER_TOPK,
     WARM_START_RECIPE,
     FeatureDataset,
+    ResumeMismatch,
     TrainConfig,
     draft_vocabulary,
     extract_features,
+    latest_progress,
+    resume_differences,
     summarize_run,
     train_drafter,
 )
@@ -185,6 +189,7 @@ def run_pipeline(spec: TrainSpec) -> Path:
     features only; a later run with steps trains on them) the run folder. Raises TrainInputError for an input that
     fails once the target loads (a drafter the target cannot take fails before anything is written)."""
     out = Path(spec.out)
+    check_rerun(spec)
     with _inputs_checked():
         target, tokenizer = _load_target(spec.target)
     warm_drafter, gen_drafter = early_drafters(spec, target)
@@ -192,6 +197,7 @@ def run_pipeline(spec: TrainSpec) -> Path:
     atomic_write_text(out / "command.json", json.dumps({"command": spec.command_line or spec.as_command()}))
     writer = _writer(target, spec.gen_dtype)
     prompts = prepare_prompts(spec, writer, tokenizer)
+    atomic_write_text(out / DATA_OPTIONS_FILE, json.dumps(data_options(spec), indent=2) + "\n")
     timings: dict[str, float] = {}
     with _timed(timings, "data"):
         regenerate_stage(spec, target, writer, tokenizer, prompts, gen_drafter)
@@ -217,26 +223,44 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def new_drafter(spec: TrainSpec, target: Any) -> Any:
-    """An untrained drafter of the spec's shape for ``target``."""
-    return DFlashDraftModel.from_target(
-        target, num_hidden_layers=spec.num_layers, block_size=spec.block_size, num_taps=spec.num_taps,
-        mask_token_id=spec.mask_token_id, init_from_target=spec.init_from_target,
-    )
+    """An untrained drafter of the spec's shape for ``target``, its initial weights drawn from ``spec.seed`` alone
+    (the same whatever ran before in the process; the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return DFlashDraftModel.from_target(
+            target, num_hidden_layers=spec.num_layers, block_size=spec.block_size, num_taps=spec.num_taps,
+            mask_token_id=spec.mask_token_id, init_from_target=spec.init_from_target,
+        )
 
 
 def early_drafters(spec: TrainSpec, target: Any) -> tuple[Any | None, Any | None]:
-    """``(init_from drafter, gen_drafter)``, loaded and checked against the target before stage 1, so that a drafter
-    the target cannot take fails now and not after hours of data generation. Without init_from a new drafter is
-    built once as a check and dropped (fork_rng: the one built after stage 1 draws the weights it always drew)."""
+    """``(init_from drafter, gen_drafter)``, loaded and checked against the target and against the run folder's
+    cached features before stage 1, so that a drafter that cannot be used fails now and not after hours of data
+    generation. Without init_from a new drafter is built once as a check and dropped (the one built after stage 1
+    has the same weights: both are drawn from the seed)."""
     with _inputs_checked():
         gen_drafter = None
         if spec.gen_drafter:
             gen_drafter = _load_drafter(spec.gen_drafter, target, target.dtype, "--gen-drafter")
         if spec.init_from:
-            return _load_drafter(spec.init_from, target, torch.float32, "--init-from").float(), gen_drafter
-        with torch.random.fork_rng(devices=[]):
-            new_drafter(spec, target)
+            warm = _load_drafter(spec.init_from, target, torch.float32, "--init-from").float()
+            _check_cached_features(spec, warm.config.target_layer_ids)
+            return warm, gen_drafter
+        _check_cached_features(spec, new_drafter(spec, target).config.target_layer_ids)
     return None, gen_drafter
+
+
+def _check_cached_features(spec: TrainSpec, layer_ids: list[int]) -> None:
+    """Refuse a drafter that taps other target layers than the run folder's cached features."""
+    meta = Path(spec.out) / "features" / "features.json"
+    if not meta.is_file():
+        return
+    cached = json.loads(meta.read_text(encoding="utf-8"))["layer_ids"]
+    if list(cached) != list(layer_ids):
+        source = "the --init-from drafter" if spec.init_from else f"--num-taps {spec.num_taps}"
+        raise TrainInputError(
+            f"{meta.parent} holds the features of target layers {cached}, but this run's drafter taps {list(layer_ids)} "
+            f"({source}); rerun with the drafter the folder was made with, or use another --out folder.")
 
 
 def _writer(target: Any, gen_dtype: str | None) -> Callable[[], Any]:
@@ -250,6 +274,102 @@ def _writer(target: Any, gen_dtype: str | None) -> Callable[[], Any]:
         return target
 
     return writer
+
+
+# A rerun --------------------------------------------------------------------------------------------------------
+DATA_OPTIONS_FILE = "data_options.json"  # the options a run folder's prompts and responses were made with
+# The options that decide which prompts a folder holds and what the target answered (so its features too); the
+# others of stage 1 only say how the answers are written (--gen-dtype, --gen-batch-size, --gen-drafter, --openai-*)
+# and may change, e.g. to grow a folder through a server. num_prompts may grow (not shrink): it is compared apart.
+DATA_FIELDS = ("target", "prompts", "max_turns", "max_new_tokens", "temperature", "seed")
+# The spec fields that shape the drafter's weights beside the trainer's own (TRAIN_CONFIG_FIELDS); saved with each
+# checkpoint, and checked when one is resumed.
+WEIGHT_FIELDS = ("num_layers", "block_size", "num_taps", "mask_token_id", "init_from_target", "init_from",
+                 "draft_vocab_size")
+# Drafter-shape keys (training.drafter_shape) named by the option that sets them.
+SHAPE_OPTIONS = {"num_hidden_layers": "--num-layers", "block_size": "--block-size",
+                 "target_layer_ids": "the tapped target layers (--num-taps)", "mask_token_id": "--mask-token-id",
+                 "draft_vocab_size": "--draft-vocab-size"}
+
+
+def check_rerun(spec: TrainSpec) -> None:
+    """Refuse to run ``spec`` on a folder made with other options, before anything is loaded or written:
+    TrainInputError naming each differing option with both values. Data options (``DATA_FIELDS``) are compared with
+    ``data_options.json`` (num_prompts may grow); when training resumes a checkpoint, the trainer's options and
+    ``WEIGHT_FIELDS`` are compared with those it was made with (steps may grow; --no-resume trains anew)."""
+    with _inputs_checked():
+        count_records(Path(spec.out) / "data")  # refuses shards this tool did not write, before anything is written
+    _check_data_options(spec)
+    _check_resumable(spec)
+
+
+def data_options(spec: TrainSpec) -> dict:
+    """What ``data_options.json`` records: ``DATA_FIELDS`` (paths made absolute) and num_prompts."""
+    return {**{name: _comparable(getattr(spec, name)) for name in DATA_FIELDS}, "num_prompts": spec.num_prompts}
+
+
+def seed_shapes_data(options: dict) -> bool:
+    """Whether the seed chose the prompts or answers: Magpie prompts, a sampled named source, sampled answers."""
+    return options.get("prompts") is None or options.get("prompts") in TRAINING_SOURCE_NAMES \
+        or (options.get("temperature") or 0) > 0
+
+
+def _comparable(value: Any) -> Any:
+    """A path as its absolute form, so that one folder named two ways is one value; other values unchanged."""
+    if isinstance(value, str) and value not in TRAINING_SOURCE_NAMES and os.path.exists(value):
+        return str(Path(value).resolve())
+    return value
+
+
+def _check_data_options(spec: TrainSpec) -> None:
+    path = Path(spec.out) / DATA_OPTIONS_FILE
+    if not path.is_file():  # a new folder (or one written before the options were recorded)
+        return
+    saved, ours = json.loads(path.read_text(encoding="utf-8")), data_options(spec)
+    differences = {name: (saved.get(name), ours[name]) for name in DATA_FIELDS if saved.get(name) != ours[name]}
+    if "seed" in differences and not (seed_shapes_data(saved) or seed_shapes_data(ours)):
+        del differences["seed"]  # prompts from a file answered greedily: the seed only reaches training
+    if ours["num_prompts"] < saved.get("num_prompts", 0):
+        differences["num_prompts"] = (saved["num_prompts"], ours["num_prompts"])
+    if differences:
+        said = ", ".join(f"{_option(name)} {_shown(a)} (this run: {_shown(b)})" for name, (a, b) in differences.items())
+        raise TrainInputError(
+            f"{spec.out} was made with other data options: {said}. Its prompts, responses and features come from "
+            "those, so rerun with the folder's values (--num-prompts may grow, not shrink), or use another --out "
+            "folder for these.")
+
+
+def weight_recipe(spec: TrainSpec) -> dict:
+    """The ``WEIGHT_FIELDS`` of a spec as saved with each checkpoint (paths made absolute)."""
+    return {name: _comparable(getattr(spec, name)) for name in WEIGHT_FIELDS}
+
+
+def _check_resumable(spec: TrainSpec) -> None:
+    if spec.steps == 0 or spec.no_resume:
+        return
+    found = latest_progress(Path(spec.out) / "checkpoints")
+    if found is None:
+        return
+    checkpoint, progress = found
+    differences = resume_differences(progress, train_config(spec), recipe=weight_recipe(spec))
+    if differences:
+        raise TrainInputError(_resume_refusal(ResumeMismatch(checkpoint, differences, progress.get("drafter"))))
+
+
+def _resume_refusal(mismatch: ResumeMismatch) -> str:
+    """A trainer's ResumeMismatch in the words of the command: its option names, --no-resume, --out."""
+    names = {**{name: _option(name) for name in (*TRAIN_CONFIG_FIELDS, *WEIGHT_FIELDS)}, **SHAPE_OPTIONS}
+    return mismatch.explain(names, fresh_start="add --no-resume (its first checkpoint replaces these) or use another "
+                                               "--out folder (--steps may grow without either)")
+
+
+def _option(name: str) -> str:
+    action = _train_options().get(name)
+    return action.option_strings[0] if action is not None else name
+
+
+def _shown(value: Any) -> str:
+    return "not given" if value is None else str(value)
 
 
 # Stage 1 --------------------------------------------------------------------------------------------------------
@@ -340,8 +460,11 @@ def feature_stage(spec: TrainSpec, target: Any, drafter: Any) -> None:
 def train_stage(spec: TrainSpec, target: Any, drafter: Any) -> None:
     """Train on ``features/``, checkpointing to ``checkpoints/`` and resuming from the newest unless no_resume."""
     out = Path(spec.out)
-    train_drafter(drafter, target, FeatureDataset(out / "features"), out / "checkpoints", train_config(spec),
-                  resume=not spec.no_resume)
+    try:
+        train_drafter(drafter, target, FeatureDataset(out / "features"), out / "checkpoints", train_config(spec),
+                      resume=not spec.no_resume, recipe=weight_recipe(spec))
+    except ResumeMismatch as err:  # a checkpoint saved before its options were (check_rerun reads those)
+        raise TrainInputError(_resume_refusal(err)) from err
 
 
 # The spec fields the trainer reads, named as in TrainConfig (its other fields keep their defaults).
@@ -374,7 +497,8 @@ def _add_timings(run_dir: Path, timings: dict[str, float]) -> None:
 
 
 __all__ = [
-    "TRAIN_CONFIG_FIELDS", "TrainInputError", "TrainSpec", "drafter_stage", "early_drafters", "feature_stage",
-    "new_drafter", "prepare_prompts", "regenerate_stage", "run_pipeline", "target_eos_ids", "train_config",
-    "train_stage",
+    "DATA_FIELDS", "DATA_OPTIONS_FILE", "TRAIN_CONFIG_FIELDS", "TrainInputError", "TrainSpec", "WEIGHT_FIELDS",
+    "check_rerun", "data_options", "drafter_stage", "early_drafters", "feature_stage", "new_drafter",
+    "prepare_prompts", "regenerate_stage", "run_pipeline", "seed_shapes_data", "target_eos_ids", "train_config",
+    "train_stage", "weight_recipe",
 ]

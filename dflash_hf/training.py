@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import load_records, read_jsonl, response_spans
-from .fileio import atomic_file, atomic_write_text, make_shareable, staging_dir
+from .fileio import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_file, atomic_write_text, make_shareable, staging_dir
 from .generation_dflash import TapRecorder, draft_block
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
@@ -104,6 +104,7 @@ def extract_features(
     layer_ids: list[int],
     dtype: torch.dtype = torch.float16,
     teacher_top_k: int = 0,
+    private: bool = False,
 ) -> int:
     """Cache the taps of every position of every record: one ``features-NNNNN.safetensors`` per data shard.
 
@@ -114,17 +115,23 @@ def extract_features(
     With ``teacher_top_k`` > 0 the same target forward also gives the target's next-token distribution, for
     distillation: ``teacher-NNNNN.safetensors`` beside each features file holds ``topk_ids_i`` [L_i, k] (int32)
     and ``topk_logprobs_i`` [L_i, k] (float16, log-softmax over the whole vocabulary); row p predicts token p+1.
+
+    With ``private`` (features of users' prompts: they hold the token ids), ``out_dir`` is made 0700 and every file
+    0600, as the data they come from.
     """
     data_shards = sorted(Path(data_dir).glob("shard-*.jsonl"))
     if not data_shards:
         raise FileNotFoundError(f"No shard-*.jsonl files in {data_dir}; run the regeneration stage first.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    file_mode = PRIVATE_FILE_MODE if private else None
+    if private:
+        os.chmod(out_dir, PRIVATE_DIR_MODE)
     meta_path = out_dir / "features.json"
     meta = {"layer_ids": list(layer_ids), "dtype": str(dtype).replace("torch.", "")}
     if meta_path.exists() and json.loads(meta_path.read_text())["layer_ids"] != list(layer_ids):
         raise ValueError(f"{out_dir} holds features of other layers; use a new folder for layer_ids {layer_ids}.")
-    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2), mode=file_mode)
     device = next(target.parameters()).device
     written = 0
     with TapRecorder(target, layer_ids, torch.device("cpu")) as taps:
@@ -147,15 +154,16 @@ def extract_features(
                     teacher[f"topk_ids_{i}"] = top_ids.to(torch.int32).cpu().contiguous()
                     teacher[f"topk_logprobs_{i}"] = logprobs.to(torch.float16).cpu().contiguous()
             if want_taps:
-                _atomic_save(tensors, path, {"prompt_lens": json.dumps(prompt_lens), "response_spans": json.dumps(spans)})
+                _atomic_save(tensors, path, {"prompt_lens": json.dumps(prompt_lens), "response_spans": json.dumps(spans)},
+                             file_mode)
             if want_teacher:
-                _atomic_save(teacher, teacher_path, {"top_k": str(teacher_top_k)})
+                _atomic_save(teacher, teacher_path, {"top_k": str(teacher_top_k)}, file_mode)
             written += 1
     return written
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    with atomic_file(path) as tmp:
+def _atomic_save(tensors: dict, path: Path, metadata: dict, mode: int | None = None) -> None:
+    with atomic_file(path, mode) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from test_prompt_sources import char_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import dflash_hf.cli as cli
-from dflash_hf.adapt import AdaptSpec, _verdict, run_adapt
+from dflash_hf.adapt import AdaptInputError, AdaptSpec, _verdict, run_adapt
 from dflash_hf.data import chat_prompt_ids, write_shards
 from dflash_hf.traffic import record_traffic
 from dflash_hf.training import RECIPE_FILE, WARM_START_RECIPE
@@ -90,6 +91,17 @@ def test_adapting_raises_acceptance_on_held_out_traffic_and_cites_the_base_recip
     assert again["traffic_heldout"] == held and again["tolerance"] == 0.5
     assert (out / "evaluation.json").stat().st_mtime_ns == evaluation
     assert (out / "drafter" / "model.safetensors").read_bytes() == weights
+
+    # Any other option is refused, naming each with both values: the folder's weights were made with its own.
+    recipe = json.loads((out / "drafter" / RECIPE_FILE).read_text())
+    with pytest.raises(AdaptInputError) as refused:
+        run_adapt(_spec(deployment, "run", steps=50, lr=1e-2))
+    assert "--steps 150 (this run: 50)" in str(refused.value) and "--lr 0.003 (this run: 0.01)" in str(refused.value)
+    assert "only --tolerance may change" in str(refused.value)
+    assert json.loads((out / "drafter" / RECIPE_FILE).read_text()) == recipe
+    # The features hold the token ids of users' prompts: private, like the data they come from.
+    assert stat.S_IMODE((out / "features").stat().st_mode) == 0o700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (out / "features").iterdir()} == {0o600}
 
 
 def _row(base: float, adapted: float, same: int = 3) -> dict:

@@ -223,3 +223,108 @@ def test_a_draft_vocabulary_keeps_the_target_s_end_tokens():
     assert target_eos_ids(target) == (4,)
     records = [{"input_ids": [1, 2, 3, 3, 3], "prompt_len": 2}]
     assert draft_vocabulary(records, 1, target_eos_ids(target)) == [3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reruns: a folder keeps the options that made it; --seed fixes everything random, across processes
+# ---------------------------------------------------------------------------------------------------------------
+def _other_prompts(tmp_path: Path) -> Path:
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Bonjour", "Name a colour.", "Count to 3")))
+    return other
+
+
+def test_a_rerun_with_other_data_options_is_refused_naming_each_option_and_changes_nothing(tiny_target, tmp_path,
+                                                                                         capsys):
+    run = tmp_path / "run"
+    assert cli.main(_train_argv(tiny_target, run, "--steps", "0")) == 0
+    before = {name: (run / name).read_bytes() for name in ("command.json", "prompts.jsonl", "data_options.json")}
+    other_target = tmp_path / "other-target"
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(head_dim=8, **{**COMMON, "vocab_size": 49152})).save_pretrained(other_target)
+    capsys.readouterr()
+    argv = _train_argv(tiny_target, run, "--steps", "0", "--target", str(other_target), "--prompts",
+                       str(_other_prompts(tmp_path)), "--max-new-tokens", "5")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--target {tiny_target} (this run: {other_target})" in err, err
+    assert f"(this run: {tmp_path / 'other.jsonl'})" in err and "--max-new-tokens 6 (this run: 5)" in err, err
+    assert "--num-prompts may grow" in err and "another --out folder" in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert cli.main(_train_argv(tiny_target, run, "--steps", "0", "--num-prompts", "2")) == 2
+    assert "--num-prompts 3 (this run: 2)" in capsys.readouterr().err
+    assert cli.main(_train_argv(tiny_target, run, "--steps", "0", "--gen-batch-size", "3")) == 0  # only how it writes
+
+
+def test_a_rerun_that_trains_resumes_only_with_the_options_of_its_checkpoints(tiny_target, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(_train_argv(tiny_target, run)) == 0
+    for extra, said in ((["--lr", "0.01"], "--lr 0.0006 (this run: 0.01)"),
+                        (["--num-layers", "2"], "--num-layers 1 (this run: 2)"),
+                        (["--block-size", "8"], "--block-size 4 (this run: 8)"),
+                        (["--steps", "1"], "--steps 2 (this run: 1)")):
+        capsys.readouterr()
+        assert cli.main(_train_argv(tiny_target, run, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and "holds a drafter of 1 layer, block size 4" in err and "--no-resume" in err, err
+    assert cli.main(_train_argv(tiny_target, run, "--steps", "3")) == 0  # steps may grow: it resumes
+    assert [json.loads(line)["step"] for line in (run / "checkpoints" / "history.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
+    assert cli.main(_train_argv(tiny_target, run, "--lr", "0.01", "--no-resume")) == 0  # trains anew
+    progress = json.loads((run / "checkpoints" / "checkpoint-2" / "progress.json").read_text())
+    assert progress["config"]["lr"] == 0.01 and not (run / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_an_unrelated_data_shard_in_the_run_folder_is_refused_before_anything_is_written(tiny_target, tmp_path,
+                                                                                      capsys):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "shard-00000.jsonl").write_text(json.dumps({"text": "someone else's data"}) + "\n")
+    assert cli.main(_train_argv(tiny_target, run)) == 2
+    assert "not a data shard written by dflash-hf" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["data"]
+
+
+SEEDED_RUN = """
+import sys
+import dflash_hf.cli as cli
+import dflash_hf.training as training
+import torch
+torch.manual_seed(int(sys.argv[1]))  # what ran before in the process must not matter
+kill_after = int(sys.argv[2])
+save = training._save_checkpoint
+def save_then_die(accelerator, out_dir, step, *args, **kwargs):
+    save(accelerator, out_dir, step, *args, **kwargs)
+    if step == kill_after:
+        import os
+        os._exit(9)  # like a kill: no cleanup, nothing after the checkpoint
+training._save_checkpoint = save_then_die
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def test_seed_fixes_the_new_drafter_and_a_killed_run_resumes_to_the_same_weights_in_new_processes(tiny_target,
+                                                                                               tmp_path):
+    """Two processes with the same command (and different global seeds before it) train the same drafter, and one
+    killed after its second checkpoint then resumed by a new process ends with the same weights too."""
+    import subprocess
+    import sys
+
+    def run(folder: str, global_seed: int, kill_after: int) -> int:
+        argv = _train_argv(tiny_target, tmp_path / folder, "--steps", "4", "--save-every", "2")
+        return subprocess.run([sys.executable, "-c", SEEDED_RUN, str(global_seed), str(kill_after), *argv],
+                              capture_output=True, text=True, timeout=600).returncode
+
+    assert run("straight", 1, 0) == 0
+    assert run("seeded-again", 2, 0) == 0
+    assert run("killed", 3, 2) == 9
+    assert not (tmp_path / "killed" / "drafter").exists()
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-2").is_dir()
+    assert run("killed", 4, 0) == 0
+    straight = load_file(tmp_path / "straight" / "drafter" / "model.safetensors")
+    for other in ("seeded-again", "killed"):
+        weights = load_file(tmp_path / other / "drafter" / "model.safetensors")
+        assert weights.keys() == straight.keys()
+        assert all(torch.equal(weights[k], straight[k]) for k in straight), other
+    log = (tmp_path / "killed" / "checkpoints" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # the killed process's steps kept
