@@ -34,6 +34,7 @@ from .transformers_compat import (
     cache_from_model_kwargs,
     generation_config_from_validate_args,
     stateful_check_lifted,
+    stock_loop_refuses_stateful,
 )
 
 logger = logging.get_logger(__name__)
@@ -167,9 +168,9 @@ def install_generate_patch() -> None:
                     "output is the same). Drop use_cache=False to silence this warning."
                 )
                 generation_config.use_cache = True
-            if getattr(self, "_is_stateful", False):
-                # transformers refuses assisted decoding on stateful (hybrid) models because its loop cannot roll
-                # their states back; the DFlash loop can, the stock loop cannot.
+            if getattr(self, "_is_stateful", False) and stock_loop_refuses_stateful():
+                # transformers < 5.25 refuses assisted decoding on stateful (hybrid) models because its loop cannot
+                # roll their states back; the DFlash loop can, that stock loop cannot.
                 if DFlashOptions.from_drafter(assistant).generation_loop == "transformers":
                     raise ValueError(
                         f"{type(self).__name__} keeps linear-attention state that transformers' assisted loop cannot "

@@ -8,7 +8,9 @@ What differs across the range:
 - decoder layers return a tensor in recent releases and a tuple in older ones;
 - the private ``GenerationMixin`` methods the generate patch wraps (``PATCHED_SIGNATURES``): how they receive the
   generation config and the assistant, and the ``_is_stateful`` flag that refuses assisted decoding on hybrids;
-- huggingface_hub's strict config dataclasses (from 5.2x) raise their own exception types.
+- huggingface_hub's strict config dataclasses (from 5.2x) raise their own exception types;
+- from 5.25 transformers' own assisted loop takes hybrid (linear-attention) targets, and their cache layers count
+  the tokens they have seen in a tensor that a state rollback must put back too.
 
 ``Cache.crop(-n)`` (n > 0) is the one crop call that means the same everywhere; cache_dflash only uses that.
 """
@@ -108,6 +110,22 @@ def generation_config_from_validate_args(args: tuple, kwargs: dict) -> Any:
     return args[1] if len(args) > 1 else kwargs.get("generation_config")
 
 
+@functools.cache
+def stock_loop_refuses_stateful() -> bool:
+    """Whether transformers' generate refuses assisted decoding on stateful (hybrid) models: up to 5.24 it does;
+    from 5.25 its own loop records linear-attention states and rolls them back, so it takes hybrids."""
+    from transformers.generation.utils import GenerationMixin
+
+    return "_is_stateful" in inspect.getsource(GenerationMixin._validate_generation_mode)
+
+
+def linear_layer_token_count(layer: Any) -> torch.Tensor | None:
+    """A linear-attention cache layer's count of tokens seen (``cumulative_length_linear``, a tensor the hybrid
+    cache's ``get_seq_length`` reads, from 5.25), to save and restore with its states; None before 5.25."""
+    count = getattr(layer, "cumulative_length_linear", None)
+    return count if isinstance(count, torch.Tensor) else None
+
+
 @contextlib.contextmanager
 def stateful_check_lifted(model: Any) -> Iterator[None]:
     """transformers refuses assisted decoding on stateful (hybrid) models because its own loop cannot roll their
@@ -145,5 +163,7 @@ __all__ = [
     "layer_output_hidden",
     "make_generate_output",
     "patched_signature_problems",
+    "linear_layer_token_count",
     "stateful_check_lifted",
+    "stock_loop_refuses_stateful",
 ]

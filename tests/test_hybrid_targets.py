@@ -8,6 +8,7 @@ import transformers
 from conftest import SMALL_CHI_SQUARE_SAMPLES, exact_pair_law, chi_square_p_value
 
 from dflash_hf import DFlashDraftModel
+from dflash_hf.transformers_compat import stock_loop_refuses_stateful
 
 HYBRID_VOCAB = 128
 LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
@@ -87,20 +88,32 @@ def test_hybrid_every_acceptance_count_as_scripted(hybrid, scripted):
     assert partial_steps - 1 <= stats.num_rollback_forwards <= partial_steps
 
 
-def test_hybrid_stock_assisted_loop_refused_with_a_fix(hybrid):
+def test_hybrid_stock_assisted_loop_refused_with_a_fix_where_it_cannot_roll_back(hybrid):
+    """transformers < 5.25's assisted loop cannot roll a hybrid's states back: refused, saying what to use. From
+    5.25 it records them and can: then it runs, and gives plain generate's tokens."""
     drafter = DFlashDraftModel.from_target(hybrid, num_hidden_layers=1, block_size=4).eval()
     drafter.generation_loop = "transformers"
-    with pytest.raises(ValueError, match="generation_loop = 'dflash'"):
-        hybrid.generate(prompt(4, 0), max_new_tokens=4, do_sample=False, assistant_model=drafter)
+    ids = prompt(4, 0)
+    if stock_loop_refuses_stateful():
+        with pytest.raises(ValueError, match="generation_loop = 'dflash'"):
+            hybrid.generate(ids, max_new_tokens=4, do_sample=False, assistant_model=drafter)
+        return
+    plain = hybrid.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(hybrid.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=drafter), plain)
 
 
-def test_hybrid_without_drafter_still_refuses_other_assistants():
-    """The stateful flag is only lifted for DFlash drafters, and only during the check."""
+def test_hybrid_other_assistants_get_transformers_own_rule():
+    """The stateful flag is only lifted for DFlash drafters, and only during the check: another assistant is refused
+    where transformers refuses it (< 5.25) and runs where transformers runs it."""
     target = make_hybrid("qwen3_5")
     other = make_hybrid("qwen3_5", seed=1)
-    with pytest.raises(ValueError, match="stateful"):
+    if stock_loop_refuses_stateful():  # transformers < 5.25
+        with pytest.raises(ValueError, match="stateful"):
+            target.generate(prompt(4, 0), max_new_tokens=4, do_sample=False, assistant_model=other)
+    else:
         target.generate(prompt(4, 0), max_new_tokens=4, do_sample=False, assistant_model=other)
-    assert type(target)._is_stateful and "_is_stateful" not in vars(target)
+    assert "_is_stateful" not in vars(target)
+    assert getattr(type(target), "_is_stateful", False) == stock_loop_refuses_stateful()
 
 
 def test_conditional_generation_wrapper_text_only():

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .transformers_compat import linear_layer_token_count
+
 
 @dataclass
 class DraftCache:
@@ -216,25 +218,32 @@ class LinearStateSnapshot:
 
     def __init__(self, cache: Any) -> None:
         self.cache = cache
-        self.saved: list[tuple[Any, dict, dict]] = []
+        self.saved: list[tuple[Any, dict, dict, torch.Tensor | None]] = []
 
     def take(self) -> None:
         self.saved = [
-            (layer, _clone_states(layer.conv_states), _clone_states(layer.recurrent_states))
+            (layer, _clone_states(layer.conv_states), _clone_states(layer.recurrent_states), _token_count(layer))
             for layer in self.cache.layers
             if is_linear_attention_layer(layer)
         ]
 
     def restore(self, attention_tokens_to_remove: int) -> None:
-        for layer, conv, recurrent in self.saved:
+        for layer, conv, recurrent, count in self.saved:
             for store, saved in ((layer.conv_states, conv), (layer.recurrent_states, recurrent)):
                 for index, tensor in saved.items():
                     if tensor is not None:
                         store[index].copy_(tensor)
+            if count is not None:
+                layer.cumulative_length_linear.copy_(count)
         if attention_tokens_to_remove:
             for layer in self.cache.layers:
                 if not is_linear_attention_layer(layer):
                     layer.crop(-attention_tokens_to_remove)
+
+
+def _token_count(layer: Any) -> torch.Tensor | None:
+    count = linear_layer_token_count(layer)
+    return None if count is None else count.clone()
 
 
 def _clone_states(states: dict) -> dict:
