@@ -295,10 +295,18 @@ def test_rows_stopped_without_eos_keep_writing_like_plain_batched_generate(famil
 
 
 def test_static_cache_batch_stats_are_plain_python_numbers():
-    """Every stats field is a plain Python value (not a tensor), so ``as_dict()`` goes through json.dumps."""
+    """Every stats field is a plain Python value (not a tensor), so ``as_dict()`` goes through json.dumps. Where
+    the release's static cache cannot drop positions, DFlash refuses it, saying what to do."""
+    from transformers.cache_utils import StaticLayer
+
     target = make_target("qwen3")
     drafter = make_drafter(target)
     ids, mask = left_pad(prompts())
+    if not hasattr(StaticLayer, "crop"):  # transformers 5.15
+        with pytest.raises(ValueError, match="cannot drop positions.*drop cache_implementation"):
+            target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                            cache_implementation="static", assistant_model=drafter)
+        return
     target.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, cache_implementation="static",
                     assistant_model=drafter)
     stats = drafter.last_stats

@@ -184,6 +184,17 @@ def crop_cache(cache: Any, tokens_to_remove: int) -> None:
         cache.crop(-tokens_to_remove)
 
 
+def uncroppable_cache_problem(cache: Any) -> str | None:
+    """Why DFlash cannot drop a rejected block's positions from ``cache`` (None when it can): an attention layer
+    without ``crop``, as older transformers releases' StaticLayer (a static cache)."""
+    for layer in getattr(cache, "layers", ()):
+        if not is_linear_attention_layer(layer) and not hasattr(layer, "crop"):
+            return (f"its {type(layer).__name__} layers cannot drop positions on this transformers release, so "
+                    "rejected drafts could not be undone; drop cache_implementation (the default dynamic cache "
+                    "works) or upgrade transformers")
+    return None
+
+
 def activate_past_recording(cache: Any) -> None:
     """Sliding-window layers must keep the entries they would evict, or a rejected block cannot be undone.
 

@@ -40,6 +40,7 @@ from .cache_dflash import (
     ragged_batch_problem,
     resume_draft_context,
     select_cache_rows,
+    uncroppable_cache_problem,
 )
 from .matmul_dflash import few_row_products, planned_linear, routed_linears
 from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, layer_output_hidden, make_generate_output
@@ -537,6 +538,9 @@ def run_dflash_decoding(
     cache = cache_from_model_kwargs(model_kwargs)
     if cache is None:
         raise RuntimeError("generate did not prepare a KV cache; DFlash needs use_cache=True.")
+    problem = uncroppable_cache_problem(cache)
+    if problem:
+        raise ValueError(f"This {type(cache).__name__} cannot be used with a DFlash assistant: {problem}.")
     num_rows, device = input_ids.shape[0], input_ids.device
     want_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
     want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
