@@ -825,9 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_adapt(sub)
     _add_export_target(sub)
-    from .hub import add_cli
+    from . import campaign, hub
 
-    add_cli(sub, formatter_class=HelpFormatter)
+    hub.add_cli(sub, formatter_class=HelpFormatter)
+    campaign.add_cli(sub, formatter_class=HelpFormatter)
     return parser
 
 

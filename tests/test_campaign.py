@@ -1,0 +1,147 @@
+"""The drafter campaign's committed state: data shards that round-trip exactly and refuse anything else, slices that
+never overlap and stop at their deadline, a ledger that accumulates across sessions and draws its plot."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import pytest
+import torch
+from conftest import COMMON
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import dflash_hf.cli as cli
+import dflash_hf.prompt_sources as prompt_sources
+from dflash_hf.campaign import (
+    append_ledger_row,
+    campaign_shards,
+    committed_ids,
+    cumulative,
+    data_summary,
+    has_native_bfloat16,
+    parse_duration,
+    read_campaign_shard,
+    read_ledger,
+    regenerate_slice,
+    write_campaign_shard,
+)
+from dflash_hf.default_pair import converted_target_dir
+
+RECORDS = [
+    {"id": "a", "input_ids": [1, 5, 9, 40000, 7], "prompt_len": 2, "response_spans": [[2, 5]]},
+    {"id": "b", "input_ids": [3, 3, 8, 2, 11, 12, 13], "prompt_len": 1, "response_spans": [[1, 3], [5, 7]]},
+]
+
+
+def test_a_shard_round_trips_its_records_and_provenance_exactly(tmp_path):
+    path = write_campaign_shard(RECORDS, tmp_path / "shard-00000.safetensors.gz", {"source": "sharegpt"})
+    records, provenance = read_campaign_shard(path)
+    assert records == RECORDS and provenance == {"source": "sharegpt"}
+    assert len(gzip.decompress(path.read_bytes())) < 1000  # uint16 ids: 2 bytes a token plus the header
+
+
+def test_ids_past_uint16_are_kept_as_int32(tmp_path):
+    wide = [{"id": "w", "input_ids": [70000, 1, 2**20], "prompt_len": 1, "response_spans": [[1, 3]]}]
+    assert read_campaign_shard(write_campaign_shard(wide, tmp_path / "w.safetensors.gz", {}))[0] == wide
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b"gzip, but not safetensors")])
+def test_a_damaged_shard_is_refused_with_the_way_out(tmp_path, content):
+    path = tmp_path / "shard-00000.safetensors.gz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable campaign shard.*git checkout -- campaign/data"):
+        read_campaign_shard(path)
+
+
+def test_the_summary_counts_response_tokens_of_every_shard(tmp_path):
+    write_campaign_shard(RECORDS[:1], tmp_path / "shard-00000.safetensors.gz", {})
+    write_campaign_shard(RECORDS[1:], tmp_path / "shard-00001.safetensors.gz", {})
+    assert committed_ids(tmp_path) == {"a", "b"}
+    assert data_summary(tmp_path) == {"shards": 2, "conversations": 2, "response_tokens": 3 + 2 + 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(converted_target_dir())
+    torch.manual_seed(0)
+    target = LlamaForCausalLM(LlamaConfig(head_dim=8, **{**COMMON, "vocab_size": len(tokenizer)})).eval()
+    return target, tokenizer
+
+
+def _conversations(count):
+    return [{"id": f"c{i}", "turns": [f"Question number {i}?", "And then?"]} for i in range(count)]
+
+
+def test_slices_never_overlap_and_each_shard_names_its_provenance(tiny_pair, tmp_path, monkeypatch):
+    target, tokenizer = tiny_pair
+    asked = []
+    monkeypatch.setattr(prompt_sources, "training_conversations",
+                        lambda name, num, seed=0, max_turns=2: asked.append(num) or _conversations(num))
+    options = dict(source="sharegpt", max_turns=2, max_new_tokens=3, batch_size=2, shard_size=2,
+                   deadline=time.time() + 600, log=lambda line: None)
+    assert regenerate_slice(target, tokenizer, tmp_path, count=3, **options) == 3
+    assert regenerate_slice(target, tokenizer, tmp_path, count=2, **options) == 2
+    assert [p.name for p in campaign_shards(tmp_path)] == [f"shard-{k:05d}.safetensors.gz" for k in range(3)]
+    assert committed_ids(tmp_path) == {f"c{i}" for i in range(5)}
+    assert asked == [3, 5]  # the second slice asks past what is committed
+    records, provenance = read_campaign_shard(tmp_path / "shard-00000.safetensors.gz")
+    assert [r["id"] for r in records] == ["c0", "c1"]
+    assert all(r["response_spans"][-1][1] == len(r["input_ids"]) for r in records)  # the last answer ends it
+    assert provenance["source"] == "sharegpt" and provenance["split"] == "train"
+    assert provenance["target_dtype"] == "float32" and provenance["sampling"] == "greedy"
+    assert provenance["engine"].startswith("transformers ") and "family" in provenance["cpu"]
+
+
+def test_a_slice_stops_at_its_deadline_after_whole_shards(tiny_pair, tmp_path, monkeypatch):
+    target, tokenizer = tiny_pair
+    monkeypatch.setattr(prompt_sources, "training_conversations",
+                        lambda name, num, seed=0, max_turns=2: _conversations(num))
+    written = regenerate_slice(target, tokenizer, tmp_path, source="sharegpt", count=6, max_turns=1,
+                               max_new_tokens=2, batch_size=2, shard_size=2, deadline=time.time() - 1,
+                               log=lambda line: None)
+    assert written == 0 and not campaign_shards(tmp_path)
+
+
+def _row(recipe, tokens, minutes, accept):
+    return {"recipe": {"name": recipe}, "session": {"training_tokens": tokens, "steps": 10, "wall_minutes": minutes},
+            "cumulative": {"training_tokens": tokens, "wall_minutes": minutes},
+            "validation": {"started_from": {"mean_acceptance_length": 1.5},
+                           "trained": {"mean_acceptance_length": accept}}}
+
+
+def test_the_ledger_accumulates_per_recipe_and_draws_its_plot(tmp_path):
+    append_ledger_row(tmp_path, _row("warm-start", 1000, 30.0, 1.6))
+    append_ledger_row(tmp_path, _row("block-16", 500, 20.0, 1.4))
+    append_ledger_row(tmp_path, _row("warm-start", 2000, 45.5, 1.7))
+    assert [r["validation"]["trained"]["mean_acceptance_length"] for r in read_ledger(tmp_path)] == [1.6, 1.4, 1.7]
+    assert cumulative(read_ledger(tmp_path), "warm-start") == {"training_tokens": 3000, "steps": 20,
+                                                               "wall_minutes": 75.5}
+    assert (tmp_path / "ledger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("120m", 7200.0), ("2h", 7200.0), ("90s", 90.0), ("5400", 5400.0)])
+def test_durations_read_as_written(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_a_bad_time_budget_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["campaign", "--time-budget", "soon"])
+    assert "not a duration: 'soon'" in capsys.readouterr().err
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+    assert has_native_bfloat16({"avx512_bf16": True, "amx_bf16": False})
+    assert has_native_bfloat16({"avx512_bf16": False, "amx_bf16": True})
+    assert not has_native_bfloat16({"avx512_bf16": False, "amx_bf16": False})
+
+
+def test_campaign_state_stays_out_of_the_wheel():
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert not any(name.startswith("campaign") for name in config["tool"]["setuptools"]["packages"])
+    assert json.dumps(config["tool"]["setuptools"]["package-dir"]).count("campaign") == 0
