@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .data import generate_responses, write_shards
+from .data import ThroughputMeter, generate_responses, write_shards
 from .fileio import atomic_file, atomic_write_text
 from .machine import cpu_facts, describe_cpu
 
@@ -138,8 +138,12 @@ def regenerate_slice(target: Any, tokenizer: Any, data_dir: str | os.PathLike, *
             break
         chunk = wanted[first : first + shard_size]
         started = time.perf_counter()
-        records = list(generate_responses(target, tokenizer, chunk, max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size))
+        meter = ThroughputMeter(sum(len(c["turns"]) for c in chunk))  # a progress bar: turns, tokens/s, ETA
+        try:
+            records = list(generate_responses(target, tokenizer, chunk, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, progress=meter.update))
+        finally:
+            meter.close()
         seconds = time.perf_counter() - started
         tokens = sum(end - start for r in records for start, end in r["response_spans"])
         shard = write_campaign_shard(records, data_dir / f"shard-{index:05d}.safetensors.gz",
