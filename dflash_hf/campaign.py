@@ -383,7 +383,7 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     rows = read_ledger(campaign)
     recipe = {"name": spec.recipe, "layers": best.config.num_hidden_layers, "block_size": best.config.block_size,
               "num_anchors": spec.num_anchors, "batch_size": spec.batch_size, "lr": spec.lr,
-              "mixed_precision": config.mixed_precision, "warm_start": str(best_dir)}
+              "mixed_precision": config.mixed_precision, "warm_start": _repo_relative(best_dir)}
     before = cumulative(rows, spec.recipe)
     row = {
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(wall_started)),
@@ -417,6 +417,12 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     return row
 
 
+def _repo_relative(path: Path) -> str:
+    """``path`` relative to the working folder when inside it (the ledger is read on other machines)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+
+
 def _replace_weights(trained_dir: Path, best_dir: Path) -> None:
     """Put the trained weights (same shape and config as the best drafter's) in place of the best drafter's,
     atomically; its config, code and card stay."""
@@ -424,70 +430,8 @@ def _replace_weights(trained_dir: Path, best_dir: Path) -> None:
         Path(tmp).write_bytes((trained_dir / "model.safetensors").read_bytes())
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The command: dflash-hf campaign
-# ------------------------------------------------------------------------------------------------------------------
-def add_cli(sub: Any, formatter_class: Any = None) -> None:
-    """``dflash-hf campaign``: one session of the campaign on the default pair."""
-    import argparse
-
-    def duration(text: str) -> float:
-        try:
-            return parse_duration(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    def positive_int(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-        return int(text)
-
-    campaign = sub.add_parser(
-        "campaign", help="continue the drafter campaign from campaign/ within a time budget",
-        description="One session of the drafter campaign on the default pair: regenerate the next slice of "
-                    "conversations if asked (committed to campaign/data), extract features, train the best drafter "
-                    "so far within the budget, measure it online against the drafter it started from, add a row to "
-                    "campaign/ledger.jsonl (and ledger.png), and replace the shipped weights if it is better.",
-        formatter_class=formatter_class)
-    campaign.add_argument("--time-budget", metavar="DURATION", type=duration, default=7200.0,
-                          help="wall time for the whole session, e.g. 120m or 2h")
-    campaign.add_argument("--regenerate", metavar="N", type=int, default=0,
-                          help="conversations of the train split to regenerate first (0: train on what is committed)")
-    campaign.add_argument("--source", choices=("sharegpt", "chitchat"), default="sharegpt")
-    campaign.add_argument("--campaign-dir", metavar="DIR", default="campaign")
-    campaign.add_argument("--work-dir", metavar="DIR", default="runs/campaign",
-                          help="features and checkpoints (rebuilt from campaign/ on a new machine)")
-    campaign.add_argument("--drafter", metavar="DIR", default=None,
-                          help="the best drafter so far (default: the shipped one)")
-    campaign.add_argument("--validation-prompts", metavar="N", type=positive_int, default=16)
-    campaign.add_argument("--num-anchors", metavar="N", type=positive_int, default=64)
-    campaign.add_argument("--lr", metavar="LR", type=float, default=2e-4)
-    campaign.add_argument("--recipe", metavar="NAME", default="warm-start", help="the ledger's name for this recipe")
-    campaign.add_argument("--no-export", action="store_true", help="never replace the shipped weights")
-    campaign.set_defaults(func=_cmd_campaign)
-
-
-def _cmd_campaign(args: Any) -> int:
-    spec = CampaignSpec(campaign_dir=args.campaign_dir, work_dir=args.work_dir, drafter=args.drafter,
-                        time_budget_s=args.time_budget, regenerate=args.regenerate, source=args.source,
-                        validation_prompts=args.validation_prompts, num_anchors=args.num_anchors, lr=args.lr,
-                        recipe=args.recipe, export=not args.no_export)
-    run_campaign(spec)
-    return 0
-
-
-def parse_duration(text: str) -> float:
-    """``120m``, ``2h``, ``90s`` or a number of seconds, as seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    text = text.strip().lower()
-    try:
-        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        raise ValueError(f"not a duration: {text!r} (write e.g. 120m, 2h or 5400)") from None
-
-
 __all__ = [
-    "CampaignSpec", "add_cli", "append_ledger_row", "campaign_shards", "committed_ids", "data_summary", "forward_tokens_per_s",
-    "parse_duration", "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice", "run_campaign",
+    "CampaignSpec", "append_ledger_row", "campaign_shards", "committed_ids", "data_summary", "forward_tokens_per_s",
+    "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice", "run_campaign",
     "validation_acceptance", "write_campaign_shard",
 ]

@@ -83,6 +83,19 @@ def float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def duration(text: str) -> float:
+    """An argparse type: ``120m``, ``2h``, ``90s`` or a number of seconds, as seconds (above zero)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (write e.g. 120m, 2h or 5400)") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a duration above zero, got {text!r}")
+    return seconds
+
+
 def _looks_like_path(text: str) -> bool:
     """A local path rather than a Hub id (``org/name``): absolute, ``./``, ``../``, ``~`` or several slashes."""
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
@@ -815,6 +828,48 @@ def cmd_export_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_campaign(sub: Any) -> None:
+    campaign = sub.add_parser(
+        "campaign", help="continue the drafter campaign from campaign/ within a time budget",
+        description="One session of the drafter campaign on the default pair: regenerate the next slice of "
+                    "conversations if asked (committed to campaign/data), extract features, train the best drafter "
+                    "so far within the budget, measure it online against the drafter it started from, add a row to "
+                    "campaign/ledger.jsonl (and ledger.png), and replace the shipped weights if it is better.",
+        formatter_class=HelpFormatter)
+    campaign.add_argument("--time-budget", metavar="DURATION", type=duration, default=7200.0,
+                          help="wall time for the whole session, e.g. 120m or 2h")
+    campaign.add_argument("--regenerate", metavar="N", type=int_in_range(0), default=0,
+                          help="conversations of the train split to regenerate first (0: train on what is committed)")
+    campaign.add_argument("--source", choices=("sharegpt", "chitchat"), default="sharegpt",
+                          help="the corpus whose train split the next slice comes from")
+    campaign.add_argument("--campaign-dir", metavar="DIR", default="campaign",
+                          help="the committed state: data shards, ledger and plot")
+    campaign.add_argument("--work-dir", metavar="DIR", default="runs/campaign",
+                          help="features and checkpoints (rebuilt from campaign/ on a new machine)")
+    campaign.add_argument("--drafter", metavar="DIR", default=None,
+                          help="the best drafter so far (default: the shipped one)")
+    campaign.add_argument("--validation-prompts", metavar="N", type=int_in_range(1), default=16,
+                          help="ShareGPT validation prompts the online acceptance is measured on")
+    campaign.add_argument("--num-anchors", metavar="N", type=int_in_range(1), default=64,
+                          help="blocks supervised per training sequence")
+    campaign.add_argument("--lr", metavar="LR", type=float_above(0.0), default=2e-4, help="peak learning rate")
+    campaign.add_argument("--recipe", metavar="NAME", default="warm-start", help="the ledger's name for this recipe")
+    campaign.add_argument("--no-export", action="store_true", help="never replace the shipped weights")
+    campaign.set_defaults(func=cmd_campaign)
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from .campaign import CampaignSpec, run_campaign
+
+    spec = CampaignSpec(campaign_dir=args.campaign_dir, work_dir=args.work_dir, drafter=args.drafter,
+                        time_budget_s=args.time_budget, regenerate=args.regenerate, source=args.source,
+                        validation_prompts=args.validation_prompts, num_anchors=args.num_anchors, lr=args.lr,
+                        recipe=args.recipe, export=not args.no_export)
+    with _reported():
+        run_campaign(spec)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflash-hf", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -825,10 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_adapt(sub)
     _add_export_target(sub)
-    from . import campaign, hub
+    _add_campaign(sub)
+    from . import hub
 
     hub.add_cli(sub, formatter_class=HelpFormatter)
-    campaign.add_cli(sub, formatter_class=HelpFormatter)
     return parser
 
 

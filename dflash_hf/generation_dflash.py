@@ -462,8 +462,9 @@ class DecodeState:
         included), the rest is filled with the pad token when the output is assembled.
     real_len: [R] the pending token's position (real tokens committed before it);
     padding: [R] the row's length (pending token included) - real_len - 1: its left padding (for one prompt that
-        ends in masked pads, which generate continues from position 1, all of the prompt but one slot); mask: [R, S] attention mask over the target cache's slots, or None for one row
-        without padding (no holes can ever appear then);
+        ends in masked pads, which generate continues from position 1, all of the prompt but one slot);
+    mask: [R, S] attention mask over the target cache's slots, or None for one row without padding (no holes can
+        ever appear then);
     context / context_positions: [R, C, K*H] / [R, C] taps of committed positions the drafter has not seen yet
         (-1 positions: holes and padding); next_token: [R] the pending token, committed but not yet processed.
     """

@@ -21,7 +21,6 @@ from dflash_hf.campaign import (
     cumulative,
     data_summary,
     has_native_bfloat16,
-    parse_duration,
     read_campaign_shard,
     read_ledger,
     regenerate_slice,
@@ -123,13 +122,15 @@ def test_the_ledger_accumulates_per_recipe_and_draws_its_plot(tmp_path):
 
 @pytest.mark.parametrize(("text", "seconds"), [("120m", 7200.0), ("2h", 7200.0), ("90s", 90.0), ("5400", 5400.0)])
 def test_durations_read_as_written(text, seconds):
-    assert parse_duration(text) == seconds
+    assert cli.duration(text) == seconds
 
 
-def test_a_bad_time_budget_is_a_usage_error(capsys):
+@pytest.mark.parametrize(("budget", "message"), [("soon", "not a duration: 'soon'"), ("0m", "above zero"),
+                                                 ("-5", "above zero")])
+def test_a_bad_time_budget_is_a_usage_error(capsys, budget, message):
     with pytest.raises(SystemExit):
-        cli.main(["campaign", "--time-budget", "soon"])
-    assert "not a duration: 'soon'" in capsys.readouterr().err
+        cli.main(["campaign", "--time-budget", budget])
+    assert message in capsys.readouterr().err
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags():
