@@ -29,6 +29,7 @@ _EXPORTS = {
     "default_target_layer_ids": "configuration_dflash",
     "install_generate_patch": "patch_dflash",
     "load_default_pair": "default_pair",
+    "measure_verify_costs": "calibration",
     "record_traffic": "traffic",
 }
 _TRANSFORMERS_GENERATION = "transformers.generation.utils"

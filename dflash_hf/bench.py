@@ -340,7 +340,9 @@ def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int)
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "drafter_dtype": str(drafter.fc.weight.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
-        "drafts_per_step": max_drafts_per_step(drafter),
+        # "auto": chosen per step by cost (each run's choices are in its drafts_per_step list)
+        "drafts_per_step": "auto" if getattr(drafter, "num_speculative_tokens", None) == "auto"
+        else max_drafts_per_step(drafter),
         "num_prompts": num_prompts,
         "transformers_version": __import__("transformers").__version__,
         "torch_version": torch.__version__,

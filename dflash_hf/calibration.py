@@ -1,9 +1,10 @@
 """This machine's one-time measurements, kept on disk so that the next process starts at once.
 
-Two things are measured on first use, because no rule predicts them across CPUs: the few-row plan's choice for
-each (weight shape, rows) product (``matmul_dflash.FewRowPlan``) and the dtype a drafter drafts fastest in
-(``draft_precision.fastest_drafter_dtype``). Both depend on the CPU, the thread count and the library builds, so
-they are cached in one JSON file per (CPU model and flags, thread count, torch / transformers / dflash-hf
+Three things are measured on first use, because no rule predicts them across CPUs: the few-row plan's choice for
+each (weight shape, rows) product (``matmul_dflash.FewRowPlan``), the dtype a drafter drafts fastest in
+(``draft_precision.fastest_drafter_dtype``), and what a target forward over n new positions costs
+(``measure_verify_costs``, from which each step's number of drafts is chosen). All depend on the CPU, the thread
+count and the library builds, so they are cached in one JSON file per (CPU model and flags, thread count, torch / transformers / dflash-hf
 versions) under ``cache_root()/calibration/``, written atomically. Another machine or an upgrade gets its own
 file. ``DFLASH_HF_RECALIBRATE=1`` (or a command's ``--recalibrate``) measures again and replaces the file.
 
@@ -27,7 +28,9 @@ from .default_pair import cache_root
 from .fileio import atomic_write_text
 from .machine import cpu_facts
 from . import matmul_dflash
+from .cache_dflash import crop_cache, has_linear_attention, uncroppable_cache_problem
 from .matmul_dflash import FewRowPlan, FewRowRecipe
+from .schedule_dflash import VerifyCosts
 
 RECALIBRATE_ENV = "DFLASH_HF_RECALIBRATE"
 _FORMAT = 1
@@ -89,6 +92,66 @@ def _decode_few_row(data: Any) -> dict[ShapeKey, FewRowRecipe | None]:
     return choices
 
 
+VERIFY_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # new positions per forward: one row, blocks, small batches
+VERIFY_CONTEXT = 256  # cache length the forwards run on
+
+
+@torch.no_grad()
+def measure_verify_costs(target: Any, drafter: Any = None, rows: tuple[int, ...] = VERIFY_ROWS,
+                         context: int = VERIFY_CONTEXT, repeats: int = 5) -> VerifyCosts:
+    """Seconds of one forward of ``target`` over n new positions on a ``context``-token cache, for each n in
+    ``rows`` (the median of ``repeats``), with the products routed as the decode loop routes them (``drafter``'s
+    ``few_row_matmul_on_cpu``): what a step verifying n - 1 drafts costs on this machine, in this dtype.
+
+    Set ``drafter.verify_costs`` to the result and ``drafter.num_speculative_tokens = "auto"`` to have each step
+    verify the number of drafts that maximises expected tokens per second."""
+    from transformers import DynamicCache
+
+    from .matmul_dflash import few_row_products, routed_linears
+    from .transformers_compat import forward_cache_kwarg
+
+    device, cache_kwarg = target.device, forward_cache_kwarg(target)
+    setting = True if drafter is None else getattr(drafter, "few_row_matmul_on_cpu", True)
+    vocab = int(target.config.get_text_config().vocab_size)
+    ids = torch.randint(0, vocab, (1, context + max(rows)), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def prefilled() -> Any:
+        cache = DynamicCache(config=target.config)
+        target(input_ids=ids[:, :context], use_cache=True, **{cache_kwarg: cache})
+        return cache
+
+    def timed(cache: Any, n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        target(input_ids=ids[:, context : context + n], use_cache=True, **{cache_kwarg: cache})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    seconds: dict[int, float] = {}
+    with routed_linears(target, device, setting), few_row_products(device, setting):
+        cache = prefilled()
+        croppable = not has_linear_attention(cache) and uncroppable_cache_problem(cache) is None
+        for n in rows:
+            times = []
+            for _ in range(repeats + 1):  # the first run warms the plan's choice for this shape up
+                cache = cache if croppable else prefilled()
+                times.append(timed(cache, n))
+                if croppable:
+                    crop_cache(cache, n)
+            seconds[n] = sorted(times[1:])[len(times[1:]) // 2]
+    return VerifyCosts(seconds)
+
+
+def target_key(target: Any) -> str:
+    """What a target forward's cost depends on: the model, its shapes and dtype."""
+    c = target.config.get_text_config()
+    return (f"{type(target).__name__}-hidden{c.hidden_size}-layers{c.num_hidden_layers}-mlp"
+            f"{getattr(c, 'intermediate_size', 0)}-vocab{c.vocab_size}-{_dtype_name(target.dtype)}"
+            f"-{target.device.type}")
+
+
 @dataclass
 class Calibration:
     """The cached measurements of one machine (``path``), as read at the start of a command.
@@ -99,6 +162,7 @@ class Calibration:
     path: Path
     few_row: dict[ShapeKey, FewRowRecipe | None] = field(default_factory=dict)
     drafter_dtypes: dict[str, dict] = field(default_factory=dict)
+    verify_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # target_key -> {rows: ms}
     loaded_from_disk: bool = False
     unsaved: bool = False  # a drafter dtype measured since loading (plan choices are compared in ``record``)
     probe_s: float = 0.0  # wall time this process spent measuring drafter dtypes (the plan keeps its own)
@@ -114,9 +178,11 @@ class Calibration:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             few_row, dtypes = _decode_few_row(data["few_row"]), dict(data["drafter_dtypes"])
+            verify_ms = {str(k): {str(r): float(ms) for r, ms in dict(v).items()}
+                         for k, v in dict(data.get("verify_ms", {})).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return cls(path)  # a damaged cache is measured again and rewritten, never trusted
-        return cls(path, few_row, dtypes, loaded_from_disk=True)
+        return cls(path, few_row, dtypes, verify_ms, loaded_from_disk=True)
 
     def prime(self, plan: FewRowPlan | None = None) -> int:
         """Fill ``plan`` (default: this process's measured plan) with the cached choices; how many it took."""
@@ -140,7 +206,7 @@ class Calibration:
     def save(self) -> None:
         """Write this calibration to ``path`` atomically (a reader sees the old file or the new one)."""
         payload = {"machine": machine_identity(), "few_row": _encode_few_row(self.few_row),
-                   "drafter_dtypes": self.drafter_dtypes}
+                   "drafter_dtypes": self.drafter_dtypes, "verify_ms": self.verify_ms}
         atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
         self.unsaved = False
 
@@ -167,9 +233,26 @@ class Calibration:
         return dtype, timings, False
 
 
+    def verify_costs(self, target: Any, drafter: Any = None) -> tuple[VerifyCosts, bool]:
+        """``(costs, cached)``: ``measure_verify_costs`` once per machine and target, then read from here."""
+        key = target_key(target)
+        cached = self.verify_ms.get(key)
+        if cached:
+            try:
+                return VerifyCosts({int(r): ms / 1e3 for r, ms in cached.items()}), True
+            except (ValueError, TypeError):
+                pass  # unreadable entry: measure again below
+        started = time.perf_counter()
+        costs = measure_verify_costs(target, drafter)
+        self.probe_s += time.perf_counter() - started
+        self.verify_ms[key] = {str(r): round(s * 1e3, 4) for r, s in costs.seconds.items()}
+        self.unsaved = True
+        return costs, False
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
 __all__ = ["RECALIBRATE_ENV", "Calibration", "calibration_path", "drafter_key", "machine_identity",
-           "recalibration_requested"]
+           "measure_verify_costs", "recalibration_requested", "target_key"]

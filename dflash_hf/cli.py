@@ -83,6 +83,11 @@ def float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def drafts_per_step(text: str) -> int | str:
+    """An argparse type: ``auto`` or a whole number of drafts >= 1."""
+    return "auto" if text.strip().lower() == "auto" else int_in_range(1)(text)
+
+
 def duration(text: str) -> float:
     """An argparse type: ``120m``, ``2h``, ``90s`` or a number of seconds, as seconds (above zero)."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -324,6 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                             args.calibration)
     print(f"Loaded {target.config.name_or_path} + DFlash drafter (block {drafter.config.block_size}, "
           f"{drafter.config.num_hidden_layers} layers) in {time.perf_counter() - started:.1f} s")
+    _set_drafts_per_step(args, target, drafter)
     print(f"Machine: {_device_line(target)}; target {_dtype_name(target.dtype)}, drafter "
           f"{_dtype_name(drafter.dtype)}\n")
     ids = _chat_ids(tokenizer, args.prompt, target.device)
@@ -406,6 +412,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
                                             args.calibration)
+    _set_drafts_per_step(args, target, drafter)
     ids = _chat_ids(tokenizer, args.prompt, target.device)
     sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
     if args.seed is not None:
@@ -443,7 +450,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            f"{len(prompts)} were loaded (raise --num-prompts or give a longer --prompts file).")
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
                                             args.calibration)
-    _set_drafts_per_step(args, drafter)
+    _set_drafts_per_step(args, target, drafter)
     if args.batch_size:
         return _bench_batches(args, target, tokenizer, drafter, prompts)
     return _bench_methods(args, target, tokenizer, drafter, prompts)
@@ -454,7 +461,7 @@ def _bench_suites(args: argparse.Namespace, suites: dict[str, list[str]]) -> int
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
                                             args.calibration)
-    _set_drafts_per_step(args, drafter)
+    _set_drafts_per_step(args, target, drafter)
     results = run_suites(target, tokenizer, drafter, suites, max_new_tokens=args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
     print(format_suite_table(results))
@@ -463,13 +470,25 @@ def _bench_suites(args: argparse.Namespace, suites: dict[str, list[str]]) -> int
     return 0 if results["lossless"] else 1
 
 
-def _set_drafts_per_step(args: argparse.Namespace, drafter: Any) -> None:
-    if args.num_speculative_tokens is not None:  # else the drafter's own default (its config, or all)
+def _set_drafts_per_step(args: argparse.Namespace, target: Any, drafter: Any) -> None:
+    """``--num-speculative-tokens``: a fixed number, or ``auto`` with this machine's verify costs (cached)."""
+    wanted = args.num_speculative_tokens
+    if wanted != "auto":
         most = drafter.config.block_size - 1
-        if args.num_speculative_tokens > most:
-            raise CommandError(f"--num-speculative-tokens {args.num_speculative_tokens} exceeds the drafts of one "
-                               f"block of this drafter (block_size - 1 = {most}).")
-        drafter.num_speculative_tokens = args.num_speculative_tokens
+        if wanted > most:
+            raise CommandError(f"--num-speculative-tokens {wanted} exceeds the drafts of one block of this "
+                               f"drafter (block_size - 1 = {most}).")
+        drafter.num_speculative_tokens = wanted
+        return
+    from .calibration import Calibration
+
+    calibration = getattr(args, "calibration", None) or Calibration.load()
+    costs, cached = calibration.verify_costs(target, drafter)
+    drafter.verify_costs, drafter.num_speculative_tokens = costs, "auto"
+    shown = ", ".join(f"{rows} {1e3 * costs.at(rows):.1f} ms" for rows in (1, 4, 8, 16))
+    when = "cached" if cached else "measured now"
+    print(f"dflash-hf: drafts per step chosen by cost (a target forward over n positions here: {shown}; {when}; "
+          "--num-speculative-tokens K fixes it)", file=sys.stderr)
 
 
 def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -574,9 +593,13 @@ def _add_pair_args(parser: argparse.ArgumentParser) -> None:
                         help="drafter dtype; changes speed and acceptance, never the output. auto (default): the "
                              "target's, or bfloat16 for a float32 CPU target where drafts measure clearly faster "
                              "in it on this machine")
+    parser.add_argument("--num-speculative-tokens", type=drafts_per_step, metavar="K", default="auto",
+                        help="drafts verified per step: auto (default) chooses each step's number by what "
+                             "verifying it costs on this machine (measured once, cached) and how often each draft "
+                             "is accepted, and decodes plainly where no number pays; K verifies K every step")
     parser.add_argument("--recalibrate", action="store_true",
-                        help="measure this machine's one-time calibration (few-row plan, drafter dtype) again "
-                             "instead of reading its cache (or set DFLASH_HF_RECALIBRATE=1)")
+                        help="measure this machine's one-time calibration (few-row plan, drafter dtype, verify "
+                             "costs) again instead of reading its cache (or set DFLASH_HF_RECALIBRATE=1)")
 
 
 def _add_demo(sub: Any) -> None:
@@ -627,9 +650,6 @@ def _add_bench(sub: Any) -> None:
                        help="tokens to generate per prompt")
     bench.add_argument("--out", metavar="DIR", type=output_folder, default="bench-results",
                        help="folder for the JSON and PNG")
-    bench.add_argument("--num-speculative-tokens", type=int_in_range(1), metavar="K",
-                       help="verify K drafts per step (default: the drafter's num_speculative_tokens, else all "
-                            "block_size - 1)")
     bench.add_argument("--batch-size", type=int_in_range(1), nargs="+", metavar="N",
                        help="instead: plain batched generate vs batched DFlash at these batch sizes (e.g. 1 2 4 8)")
     bench.add_argument("--sampling-temperature", metavar="T", type=float_above(0),
@@ -840,6 +860,9 @@ def _add_campaign(sub: Any) -> None:
                           help="wall time for the whole session, e.g. 120m or 2h")
     campaign.add_argument("--regenerate", metavar="N", type=int_in_range(0), default=0,
                           help="conversations of the train split to regenerate first (0: train on what is committed)")
+    campaign.add_argument("--gen-batch-size", metavar="N", type=int_in_range(1), default=None,
+                          help="conversations answered per batched generate call while regenerating "
+                               "(default: the campaign's, measured fastest on a 2-core CPU)")
     campaign.add_argument("--source", choices=("sharegpt", "chitchat"), default="sharegpt",
                           help="the corpus whose train split the next slice comes from")
     campaign.add_argument("--campaign-dir", metavar="DIR", default="campaign",
@@ -861,7 +884,8 @@ def _add_campaign(sub: Any) -> None:
 def cmd_campaign(args: argparse.Namespace) -> int:
     from .campaign import CampaignSpec, run_campaign
 
-    spec = CampaignSpec(campaign_dir=args.campaign_dir, work_dir=args.work_dir, drafter=args.drafter,
+    given = {"gen_batch_size": args.gen_batch_size} if args.gen_batch_size else {}
+    spec = CampaignSpec(**given, campaign_dir=args.campaign_dir, work_dir=args.work_dir, drafter=args.drafter,
                         time_budget_s=args.time_budget, regenerate=args.regenerate, source=args.source,
                         validation_prompts=args.validation_prompts, num_anchors=args.num_anchors, lr=args.lr,
                         recipe=args.recipe, export=not args.no_export)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .cache_dflash import (
     DraftCache,
@@ -43,6 +44,7 @@ from .cache_dflash import (
     uncroppable_cache_problem,
 )
 from .matmul_dflash import few_row_products, planned_linear, routed_linears
+from .schedule_dflash import PROBE_EVERY, AcceptanceProfile, DraftSchedule, VerifyCosts
 from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, layer_output_hidden, make_generate_output
 from .verify_dflash import SAMPLING_MODES, BatchProcessorView, BlockVerifier
 
@@ -59,7 +61,8 @@ MAX_BLOCK_SIZE = 128
 class DFlashStats:
     """Statistics of one generate call (``drafter.last_stats``).
 
-    ``acceptance_lengths`` has one entry per verify step: drafts accepted + 1 (the target's own token).
+    ``acceptance_lengths`` has one entry per verify step: drafts accepted + 1 (the target's own token); a step that
+    drafted nothing (see ``drafts_per_step``) counts 1.
     ``draft_time_s`` / ``verify_time_s`` are host wall times; on CUDA the draft time excludes GPU work still
     queued when verification starts (the acceptance decision synchronises once per step).
     """
@@ -82,6 +85,9 @@ class DFlashStats:
     rows: list = field(default_factory=list)
     peak_cache_slots: int = 0
     draft_cache_slots: int = 0
+    # Drafts each step verified (0: a plain step, which commits one token): the fixed number, or what
+    # num_speculative_tokens = "auto" chose; fewer near max_length.
+    drafts_per_step: list[int] = field(default_factory=list)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -189,18 +195,40 @@ def validate_pair(target: nn.Module, drafter: nn.Module) -> None:
 
 
 def max_drafts_per_step(drafter: nn.Module) -> int:
-    """Drafts verified per step: ``drafter.num_speculative_tokens`` (1 … block_size - 1), else block_size - 1."""
+    """Drafts verified per step: ``drafter.num_speculative_tokens`` (1 … block_size - 1), else block_size - 1
+    (also the most a step may verify when the number is chosen by cost, ``"auto"``)."""
     most = drafter.config.block_size - 1
     wanted = getattr(drafter, "num_speculative_tokens", None)
-    if wanted is None:
+    if wanted is None or wanted == "auto":
         return most
     if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= most:
         raise ValueError(
-            f"drafter.num_speculative_tokens must be an int from 1 to block_size - 1 = {most} (or None for all), "
-            f"got {wanted!r}."
+            f"drafter.num_speculative_tokens must be an int from 1 to block_size - 1 = {most}, None for all, or "
+            f"'auto' to choose per step by this machine's measured costs; got {wanted!r}."
         )
     return wanted
 
+
+def draft_schedule(drafter: nn.Module, options: "DFlashOptions") -> DraftSchedule | None:
+    """The per-step choice of drafts when ``num_speculative_tokens == "auto"`` (None: every step verifies
+    ``options.max_drafts``). Needs ``drafter.verify_costs``, this machine's ``VerifyCosts`` for the target."""
+    if not options.drafts_by_cost:
+        return None
+    costs = getattr(drafter, "verify_costs", None)
+    if not isinstance(costs, VerifyCosts):
+        raise ValueError(
+            "drafter.num_speculative_tokens = 'auto' chooses the drafts of each step by what verifying them costs "
+            "here, but drafter.verify_costs is not set: measure them once with "
+            "dflash_hf.measure_verify_costs(target, drafter) (the dflash-hf commands do, and cache them), or set "
+            "num_speculative_tokens to a number."
+        )
+    profile = getattr(drafter, "acceptance_profile", None)
+    if not isinstance(profile, AcceptanceProfile) or profile.slots != options.max_drafts:
+        profile = drafter.acceptance_profile = AcceptanceProfile(options.max_drafts)  # kept across calls
+    return DraftSchedule(costs, profile, options.max_drafts)
+
+
+logger = logging.get_logger(__name__)
 
 GENERATION_LOOPS = ("dflash", "transformers")
 
@@ -217,6 +245,7 @@ class DFlashOptions:
     sampling_mode: str
     max_drafts: int
     few_row_matmul_on_cpu: bool | str
+    drafts_by_cost: bool = False  # num_speculative_tokens == "auto": each step's drafts chosen by draft_schedule
 
     @classmethod
     def from_drafter(cls, drafter: nn.Module) -> "DFlashOptions":
@@ -233,7 +262,11 @@ class DFlashOptions:
         if not (few_rows is True or few_rows is False or few_rows == "always"):
             raise ValueError(f"drafter.few_row_matmul_on_cpu must be True (the routine where this machine's "
                              f"timings favour it), 'always' or False, got {few_rows!r}.")
-        return cls(loop, mode, max_drafts_per_step(drafter), few_rows)
+        by_cost = getattr(drafter, "num_speculative_tokens", None) == "auto"
+        if by_cost and loop != "dflash":
+            raise ValueError("num_speculative_tokens = 'auto' needs generation_loop = 'dflash' (transformers' "
+                             "assisted loop verifies a fixed number of drafts); set a number for that loop.")
+        return cls(loop, mode, max_drafts_per_step(drafter), few_rows, by_cost)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -315,14 +348,16 @@ class DraftSession:
         anchor_position: torch.Tensor,
         context_taps: torch.Tensor,
         context_positions: torch.Tensor,
+        num_drafts: int | None = None,
     ) -> torch.Tensor:
         """Draft logits for the B-1 slots after ``anchor``.
 
         anchor: [R] token ids opening the block; anchor_position: [R] their positions.
         context_taps: [R, C, K*H] taps of committed positions not yet in the draft cache; context_positions: [R, C].
-        Returns [R, n, V] logits from the target's LM head, n = ``max_drafts`` (B-1 unless the drafter's
-        ``num_speculative_tokens`` asks for fewer).
+        Returns [R, n, V] logits from the target's LM head, n = ``num_drafts`` (default ``max_drafts``: B-1 unless
+        the drafter's ``num_speculative_tokens`` asks for fewer); only those slots go through the LM head.
         """
+        num_drafts = self.max_drafts if num_drafts is None else num_drafts
         block = draft_block(anchor, self.block_size, self.mask_token_id)
         offsets = torch.arange(self.block_size, device=anchor_position.device)
         block_positions = anchor_position[:, None] + offsets  # [R, B]
@@ -334,7 +369,7 @@ class DraftSession:
                 block_positions.to(self.device),
                 context_positions.to(self.device),
                 cache=self.cache,
-                output_slots=slice(1, 1 + self.max_drafts),  # only the slots that will be verified: [R, n, H]
+                output_slots=slice(1, 1 + num_drafts),  # only the slots that will be verified: [R, n, H]
             )
             return self.draft_logits(hidden)
 
@@ -569,6 +604,7 @@ def run_dflash_decoding(
     verifier = BlockVerifier(bool(generation_config.do_sample), options.sampling_mode, device)
     processors = BatchProcessorView(logits_processor, num_rows, pad_token)
     session = DraftSession(target, drafter, options)
+    schedule = draft_schedule(drafter, options)
     stats = DFlashStats(sampling=verifier.mode, block_size=session.block_size, verify_backend=verifier.backend)
     if num_rows > 1:
         stats.rows = [DFlashStats(sampling=verifier.mode, block_size=session.block_size,
@@ -670,18 +706,30 @@ def run_dflash_decoding(
             # 2. Draft: never past max_length, so a row near its end verifies fewer drafts (its extra slots are holes).
             t0 = time.perf_counter()
             cur_len = state.padding + state.real_len + 1  # each row's sequence length, its pending token included
-            num_drafts = (state.limit - cur_len - 1).clamp(min=0, max=session.max_drafts)
+            wanted = session.max_drafts if schedule is None else schedule.drafts(len(rows))
+            if schedule is not None and schedule.plain_expected_faster:
+                logger.warning_once(
+                    "DFlash: at the acceptance seen so far, drafting is expected to be slower than plain decoding "
+                    f"on this machine; decoding plainly, drafting one step in {PROBE_EVERY} to check again. Set "
+                    "drafter.num_speculative_tokens to a number to draft every step."
+                )
+            num_drafts = (state.limit - cur_len - 1).clamp(min=0, max=wanted)
             width = int(num_drafts.max())
-            draft_logits = session.propose(state.next_token, state.real_len.to(session.device), state.context,
-                                           state.context_positions)[:, :width].to(device)  # [R, n, V]
-            draft_scores = None
-            if verifier.samples_drafts:
+            stats.drafts_per_step.append(width)
+            draft_scores, unseen = None, None
+            if width == 0:  # a plain step: the drafter reads the context it missed at its next draft
+                drafts = state.next_token.new_empty(len(rows), 0)
+                unseen = (state.context, state.context_positions)
+            elif verifier.samples_drafts:
+                draft_logits = session.propose(state.next_token, state.real_len.to(session.device), state.context,
+                                               state.context_positions, width).to(device)  # [R, n, V]
                 drafts, draft_scores = processors.sampled_drafts(
                     draft_logits, rows, state.all_rows(),
                     lambda q, t: verifier.sample_drafts(q, state.real_len + 1 + t),
                 )
             else:
-                drafts = draft_logits.argmax(dim=-1)  # [R, n]
+                drafts = session.propose(state.next_token, state.real_len.to(session.device), state.context,
+                                         state.context_positions, width).to(device).argmax(dim=-1)  # [R, n]
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0
 
@@ -721,6 +769,9 @@ def run_dflash_decoding(
             state.context_positions = block_positions[:, : most + 1]
             if kept is not None:  # holes are not context
                 state.context_positions = state.context_positions.masked_fill(~kept[:, : most + 1], -1)
+            if unseen is not None:
+                state.context = torch.cat((unseen[0], state.context), dim=1)
+                state.context_positions = torch.cat((unseen[1], state.context_positions), dim=1)
             state.real_len = state.real_len + accepted + 1
             state.next_token = next_token
 
@@ -743,11 +794,13 @@ def run_dflash_decoding(
                     if state.mask is not None:
                         state.mask = state.mask[:, :-surplus]
                     _drop_surplus(cache, snapshot, surplus, most, block, block_positions, forward, taps, stats)
-                    state.context = state.context[:, : most + 1 - surplus]
-                    state.context_positions = state.context_positions[:, : most + 1 - surplus]
+                    state.context = state.context[:, : state.context.shape[1] - surplus]
+                    state.context_positions = state.context_positions[:, : state.context_positions.shape[1] - surplus]
             elif compact_if_wasteful(cache, state.mask, session.cache):
                 state.mask = left_aligned_mask(state.mask)
             stats.verify_time_s += time.perf_counter() - t1
+            if schedule is not None:
+                schedule.observe(width, counts, t1 - t0, time.perf_counter() - t1)
 
         stats.draft_cache_bytes = int(session.cache.nbytes())
         if num_rows > 1:

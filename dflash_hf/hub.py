@@ -390,6 +390,12 @@ def export_drafter(
             f"{drafter.config.block_size}: the results belong to another drafter."
         )
     drafts = max_drafts_per_step(drafter)
+    if bench is not None and bench.get("drafts_per_step") == "auto":
+        raise ValueError(
+            f"{bench_json} was measured with the drafts of each step chosen by cost on the bench machine; a card's "
+            f"numbers must come from the drafts the card states: re-run the bench with --num-speculative-tokens "
+            f"{drafts} (or the number to store, passed here too)."
+        )
     if bench is not None and bench.get("drafts_per_step") not in (None, drafts):
         raise ValueError(
             f"{bench_json} was measured verifying {bench['drafts_per_step']} drafts per step, the exported drafter "

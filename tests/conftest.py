@@ -93,7 +93,7 @@ class Script:
         self.vocab = vocab
         self.step = 0
 
-    def propose(self, session, anchor, anchor_position, context_taps, context_positions):
+    def propose(self, session, anchor, anchor_position, context_taps, context_positions, num_drafts=None):
         block = session.block_size
         pos = int(anchor_position[0]) + 1 + torch.arange(block - 1)
         truth = self.reference[pos.clamp(max=self.reference.shape[0] - 1)].clone()
@@ -103,7 +103,7 @@ class Script:
         self.step += 1
         logits = torch.full((1, block - 1, self.vocab), -1.0, dtype=torch.float64)
         logits[0, torch.arange(block - 1), truth] = 1.0
-        return logits
+        return logits[:, :num_drafts]  # the slots the step verifies, as DraftSession.propose returns them
 
 
 @pytest.fixture

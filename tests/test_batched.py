@@ -57,7 +57,7 @@ class RowScript:
         monkeypatch.setattr(DraftCache, "select_rows", select_rows)
         monkeypatch.setattr(DraftSession, "propose", lambda session, *a: script.propose(session, *a))
 
-    def propose(self, session, anchor, anchor_position, context_taps, context_positions):
+    def propose(self, session, anchor, anchor_position, context_taps, context_positions, num_drafts=None):
         block = session.block_size
         logits = torch.full((len(self.live), block - 1, VOCAB), -1.0, dtype=torch.float64)
         for i, row in enumerate(self.live):
@@ -70,7 +70,7 @@ class RowScript:
                 truth[slot - 1] = (truth[slot - 1] + 1) % VOCAB
             self.step[row] += 1
             logits[i, torch.arange(block - 1), truth] = 1.0
-        return logits
+        return logits[:, :num_drafts]
 
 
 @pytest.mark.parametrize("block_size", [4, 8])

@@ -113,7 +113,7 @@ def test_another_machine_or_library_version_gets_its_own_file(monkeypatch, tmp_p
     here = machine_identity()
     assert calibration_path(here).parent == tmp_path / "calibration"
     assert calibration_path(here) == calibration_path()
-    for field, other in [("cpu_model", "Other CPU"), ("cpu_model_number", 1), ("torch_threads", here["torch_threads"] + 1),
+    for field, other in [("cpu_model", "Other CPU"), ("cpu_model_number", here["cpu_model_number"] + 1), ("torch_threads", here["torch_threads"] + 1),
                          ("transformers", "0.0.1")]:
         assert field in here
         assert calibration_path({**here, field: other}) != calibration_path(here)

@@ -127,6 +127,7 @@ def test_bench_without_matplotlib_says_so_first_and_writes_the_json(batched, tmp
         return object(), object(), object()
 
     monkeypatch.setattr(cli, "_load_pair", load_pair)
+    monkeypatch.setattr(cli, "_set_drafts_per_step", lambda *a: None)  # the stand-in models have no shapes to measure
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: json.loads(json.dumps(CANNED_RESULTS)))
     monkeypatch.setattr(bench, "run_batch_bench", lambda *a, **k: json.loads(json.dumps(CANNED_BATCH_RESULTS)))
     argv = ["bench", "--num-prompts", "2", "--max-new-tokens", "4", "--out", str(tmp_path)]

@@ -139,8 +139,8 @@ def test_sliding_draft_cache_under_every_acceptance_count(monkeypatch, generatio
     real_propose = DraftSession.propose
     seen = {"taps": [], "positions": [], "steps": 0}
 
-    def propose(session, anchor, anchor_position, context_taps, context_positions):
-        cached = real_propose(session, anchor, anchor_position, context_taps, context_positions)
+    def propose(session, anchor, anchor_position, context_taps, context_positions, num_drafts=None):
+        cached = real_propose(session, anchor, anchor_position, context_taps, context_positions, num_drafts)
         seen["taps"].append(context_taps)
         seen["positions"].append(context_positions)
         all_positions = torch.cat(seen["positions"], dim=1)
@@ -150,11 +150,11 @@ def test_sliding_draft_cache_under_every_acceptance_count(monkeypatch, generatio
         with torch.no_grad():  # no cache at all: the window is applied by the attention mask alone
             hidden = session.drafter(session.embed(block), torch.cat(seen["taps"], dim=1),
                                      anchor_position[:, None] + torch.arange(BLOCK), all_positions)
-            recomputed = session.lm_head(hidden[:, 1:])
+            recomputed = session.lm_head(hidden[:, 1 : 1 + cached.shape[1]])  # the slots this step verifies
         torch.testing.assert_close(cached, recomputed)
         assert_window_trimmed(session.cache, int(anchor_position[0]))
         seen["steps"] += 1
-        return script.propose(session, anchor, anchor_position, context_taps, context_positions)
+        return script.propose(session, anchor, anchor_position, context_taps, context_positions, num_drafts)
 
     monkeypatch.setattr(DraftSession, "propose", propose)
     fast = target.generate(prompt, max_new_tokens=48, do_sample=False, assistant_model=drafter)
