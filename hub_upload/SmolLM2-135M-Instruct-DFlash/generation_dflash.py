@@ -48,6 +48,8 @@ from .schedule_dflash import PROBE_EVERY, AcceptanceProfile, DraftSchedule, Veri
 from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, layer_output_hidden, make_generate_output
 from .verify_dflash import SAMPLING_MODES, BatchProcessorView, BlockVerifier
 
+logger = logging.get_logger(__name__)
+
 # Attention-only families, whose KV cache crops exactly, and hybrids with Gated-DeltaNet linear attention, whose
 # conv/recurrent states are rolled back by snapshot and re-run (see run_dflash_decoding).
 SUPPORTED_TARGET_TYPES = (
@@ -227,8 +229,6 @@ def draft_schedule(drafter: nn.Module, options: "DFlashOptions") -> DraftSchedul
         profile = drafter.acceptance_profile = AcceptanceProfile(options.max_drafts)  # kept across calls
     return DraftSchedule(costs, profile, options.max_drafts)
 
-
-logger = logging.get_logger(__name__)
 
 GENERATION_LOOPS = ("dflash", "transformers")
 
@@ -720,16 +720,16 @@ def run_dflash_decoding(
             if width == 0:  # a plain step: the drafter reads the context it missed at its next draft
                 drafts = state.next_token.new_empty(len(rows), 0)
                 unseen = (state.context, state.context_positions)
-            elif verifier.samples_drafts:
+            else:
                 draft_logits = session.propose(state.next_token, state.real_len.to(session.device), state.context,
                                                state.context_positions, width).to(device)  # [R, n, V]
-                drafts, draft_scores = processors.sampled_drafts(
-                    draft_logits, rows, state.all_rows(),
-                    lambda q, t: verifier.sample_drafts(q, state.real_len + 1 + t),
-                )
-            else:
-                drafts = session.propose(state.next_token, state.real_len.to(session.device), state.context,
-                                         state.context_positions, width).to(device).argmax(dim=-1)  # [R, n]
+                if verifier.samples_drafts:
+                    drafts, draft_scores = processors.sampled_drafts(
+                        draft_logits, rows, state.all_rows(),
+                        lambda q, t: verifier.sample_drafts(q, state.real_len + 1 + t),
+                    )
+                else:
+                    drafts = draft_logits.argmax(dim=-1)  # [R, n]
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0
 
