@@ -31,7 +31,7 @@ class FakeTimings:
 
 def test_the_plan_takes_blas_only_when_clearly_faster():
     timings = FakeTimings({2: (1.0, 2.0), 3: (0.95, 1.0), 4: (3.0, 1.0), 5: (0.89, 1.0)}, padded=100.0)
-    plan = core.FewRowPlan(measure=timings)
+    plan = core.FewRowPlan(measure=timings, together_rows=())  # each row count timed only when asked for
     weight = torch.zeros(6, 4)
     assert [plan.recipe_for(weight, rows, None) for rows in (2, 3, 4, 5)] == [
         None, core.FewRowRecipe(3), core.FewRowRecipe(4), None]
@@ -43,9 +43,22 @@ def test_the_plan_takes_blas_only_when_clearly_faster():
     assert plan.timings[(6, 4, 3, False)][core.FewRowRecipe(3)] == 1.0
 
 
+def test_a_weight_is_timed_at_every_few_row_count_when_first_met():
+    timings = FakeTimings({rows: (1.0, 2.0 if rows % 2 else 0.5) for rows in core.FEW_ROWS}, padded=100.0)
+    plan = core.FewRowPlan(measure=timings)
+    weight = torch.zeros(6, 4)
+    assert plan.recipe_for(weight, 5, None) is None
+    assert [rows for _, rows, _ in timings.calls] == [5, *[r for r in core.FEW_ROWS if r != 5]]
+    assert plan.recipe_for(weight, 8, None) == core.FewRowRecipe(8)  # already timed: no new call
+    assert len(timings.calls) == len(core.FEW_ROWS) and plan.measuring_s > 0
+    plan.recipe_for(torch.zeros(7, 4), 16, None)  # another weight shape is timed at every count in turn
+    assert len(timings.calls) == 2 * len(core.FEW_ROWS)
+
+
 def test_the_plan_pads_rows_and_picks_the_copy_where_they_measure_faster():
     # 3 rows cost 5 s, each padded row 1 s: 4 rows (4 s) win over 3, and 8 rows (8 s) lose
-    plan = core.FewRowPlan(measure=FakeTimings({3: (10.0, 5.0), 16: (10.0, 5.0)}, channels_last=0.5))
+    plan = core.FewRowPlan(measure=FakeTimings({3: (10.0, 5.0), 16: (10.0, 5.0)}, channels_last=0.5),
+                           together_rows=())
     assert plan.recipe_for(torch.zeros(6, 4), 3, None) == core.FewRowRecipe(4, channels_last=True)
     assert set(plan.timings[(6, 4, 3, False)]) == {None, *core.routine_recipes(3)}
     assert plan.recipe_for(torch.zeros(6, 4), 16, None) == core.FewRowRecipe(16, channels_last=True)  # no pad past 16
@@ -80,7 +93,7 @@ def routing_log(monkeypatch) -> list:
 
 def test_planned_products_follow_the_plan(monkeypatch):
     routed = routing_log(monkeypatch)
-    plan = core.FewRowPlan(measure=FakeTimings({2: (1.0, 2.0), 3: (2.0, 1.0)}, padded=100.0))
+    plan = core.FewRowPlan(measure=FakeTimings({2: (1.0, 2.0), 3: (2.0, 1.0)}, padded=100.0), together_rows=())
     layer = core.FewRowLinear(8, 4)
     monkeypatch.setattr(core, "measured_plan", lambda: plan)
     with core.few_row_products(torch.device("cpu"), True):

@@ -7,8 +7,8 @@ DFlash's verify forwards and drafts multiply every weight by a handful of rows (
 one. CPU BLAS often computes that poorly (see ``linear_for_few_rows``), so on CPU those forwards run their linear
 layers through ``planned_linear``; plain ``generate`` never does. Which product is fastest depends on the CPU, the
 BLAS build and the thread count, so no fixed rule decides: ``FewRowPlan`` times BLAS and the routine's recipes (how
-many rows it computes, how it lays the result out) the first time a (weight shape, rows) product is met in the
-process, and keeps the fastest.
+many rows it computes, how it lays the result out) at every few-row count the first time a weight shape is met
+in the process, and keeps the fastest.
 
 How a forward reaches the plan: ``few_row_products`` makes a plan current for the calling thread. The drafter's
 own layers are ``FewRowLinear``; the target's plain ``nn.Linear`` layers are routed only while ``routed_linears``
@@ -108,16 +108,20 @@ class FewRowPlan:
     """How a float32 (out, in, rows, bias) product is computed, by measurement: BLAS's own product (None) or a
     :class:`FewRowRecipe` of ``linear_for_few_rows``.
 
-    Each product is timed the first time it is met (``time_products`` over BLAS and ``routine_recipes``: about a
-    millisecond for most shapes, a few tenths of a second for a large LM head) and the answer is kept for the rest
-    of the process. The fastest recipe is taken unless BLAS is clearly faster than it. A product already in
-    ``choices`` is not timed: the tools fill it from an earlier process's measurements of the same machine
-    (``dflash_hf.calibration``; this module itself never touches files).
+    A weight is timed the first time it is met (``time_products`` over BLAS and ``routine_recipes``: about a
+    millisecond for most shapes, a few tenths of a second for a large LM head), at the rows asked for and at every
+    other row count of ``together_rows``, and the answers are kept for the rest of the process. How many rows a
+    weight meets depends on acceptance (drafts verified per step, tokens accepted), so timing them together is what
+    lets one run calibrate every later one. The fastest recipe is taken unless BLAS is clearly faster than it. A
+    product already in ``choices`` is not timed: the tools fill it from an earlier process's measurements of the
+    same machine (``dflash_hf.calibration``; this module itself never touches files).
     """
 
     def __init__(self, measure: Callable[[torch.Tensor, int, torch.Tensor | None, Sequence[FewRowRecipe | None]],
-                                         list[float]] = time_products) -> None:
+                                         list[float]] = time_products,
+                 together_rows: Sequence[int] = FEW_ROWS) -> None:
         self.measure = measure
+        self.together_rows = tuple(together_rows)
         self._lock = threading.Lock()
         self.choices: dict[tuple[int, int, int, bool], FewRowRecipe | None] = {}  # (out, in, rows, bias) -> recipe
         self.timings: dict[tuple[int, int, int, bool], dict[FewRowRecipe | None, float]] = {}  # seconds by way
@@ -130,15 +134,20 @@ class FewRowPlan:
         except KeyError:
             pass
         with self._lock:
-            if key not in self.choices:
-                ways: list[FewRowRecipe | None] = [None, *routine_recipes(rows)]
-                started = time.perf_counter()
-                seconds = self.measure(weight.detach(), rows, None if bias is None else bias.detach(), ways)
-                self.measuring_s += time.perf_counter() - started
-                self.timings[key] = dict(zip(ways, seconds))
-                best = min(range(1, len(ways)), key=seconds.__getitem__)
-                self.choices[key] = None if seconds[0] < BLAS_MARGIN * seconds[best] else ways[best]
+            for count in (rows, *self.together_rows):
+                self._choose((key[0], key[1], count, key[3]), weight, bias)
             return self.choices[key]
+
+    def _choose(self, key: tuple[int, int, int, bool], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if key in self.choices:
+            return
+        ways: list[FewRowRecipe | None] = [None, *routine_recipes(key[2])]
+        started = time.perf_counter()
+        seconds = self.measure(weight.detach(), key[2], None if bias is None else bias.detach(), ways)
+        self.measuring_s += time.perf_counter() - started
+        self.timings[key] = dict(zip(ways, seconds))
+        best = min(range(1, len(ways)), key=seconds.__getitem__)
+        self.choices[key] = None if seconds[0] < BLAS_MARGIN * seconds[best] else ways[best]
 
 
 class AlwaysRoutine:
