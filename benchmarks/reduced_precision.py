@@ -239,7 +239,7 @@ def measure(model: str, dtype_name: str, args, float32_plain: dict | None) -> di
         "dtype": dtype_name,
         "num_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "drafts_per_step": dflash_hf.generation_dflash.max_drafts_per_step(drafter),
+        "drafts_per_step": dflash_hf.pair_dflash.max_drafts_per_step(drafter),
         "dflash_mean_acceptance_length": statistics.mean(acceptance),
         "output_logits_dtype": logits_dtypes,
         "seconds": round(time.perf_counter() - started, 1),

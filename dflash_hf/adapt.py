@@ -189,13 +189,13 @@ def _comparison(runs: dict[str, DrafterRun], requests: list[tuple[list[int], dic
 def run_adapt(spec: AdaptSpec) -> dict:
     """Make (or resume) the run folder ``spec.out``; returns the report (also ``adapt_report.json``).
     Raises AdaptInputError for inputs that fail to load, AdaptRejected when the adapted drafter fails the verdict."""
-    from .cli import _load_drafter, _load_target, input_errors_as
+    from .loading import input_errors_as, load_drafter, load_target
 
     out = Path(spec.out)
     check_rerun(spec)
     with input_errors_as(AdaptInputError):
-        target, tokenizer = _load_target(spec.target)
-        base = _load_drafter(str(spec.drafter), target, target.dtype, "--drafter")
+        target, tokenizer = load_target(spec.target)
+        base = load_drafter(str(spec.drafter), target, target.dtype, "--drafter")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "command.json", json.dumps({"command": spec.command_line or _as_command(spec)}))
         timings: dict[str, float] = {}

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import chat_prompt_ids, load_prompts
 from .fileio import atomic_file, atomic_write_text
-from .generation_dflash import max_drafts_per_step
+from .pair_dflash import max_drafts_per_step
 from .matmul_dflash import few_row_products, routed_linears
 from .modeling_dflash import DraftCache
 from .cache_dflash import crop_cache

@@ -370,7 +370,7 @@ def export_drafter(
     ``training_summary`` defaults to the ``training.json`` already in ``checkpoint`` (an earlier export), so a
     re-export keeps the recipe. Returns the resolved ``out_dir``.
     """
-    from .generation_dflash import max_drafts_per_step
+    from .pair_dflash import max_drafts_per_step
 
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
     if not base_model or not isinstance(base_model, str):
@@ -518,7 +518,7 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
-    from .generation_dflash import max_drafts_per_step
+    from .pair_dflash import max_drafts_per_step
 
     config = drafter.config
     name = model_name or "DFlash drafter"

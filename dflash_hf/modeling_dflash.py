@@ -21,15 +21,9 @@ from transformers.activations import ACT2FN
 
 from .cache_dflash import DraftCache
 from .configuration_dflash import DFlashConfig, default_target_layer_ids, describe_config_weight_disagreement
-from .generation_dflash import (
-    DFlashOptions,
-    DFlashStats,
-    check_target_family,
-    run_dflash_decoding,
-    target_decoder_layers,
-    validate_pair,
-)
+from .generation_dflash import DFlashStats, run_dflash_decoding
 from .matmul_dflash import FewRowLinear
+from .pair_dflash import DFlashOptions, check_target_family, target_decoder_layers, validate_pair
 from .patch_dflash import install_generate_patch
 
 

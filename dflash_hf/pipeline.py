@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .cli import TRAINING_SOURCE_NAMES, _load_drafter, _load_target, input_errors_as, train_parser
+from .loading import input_errors_as, load_drafter, load_target
+from .options import TRAINING_SOURCE_NAMES, train_parser
 from .data import count_records, load_prompts, load_records, magpie_prompts, read_jsonl, regenerate
 from .fileio import atomic_write_text, make_shareable
 from .modeling_dflash import DFlashDraftModel
@@ -117,7 +118,7 @@ class TrainSpec:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> TrainSpec:
-        """The spec of parsed train options (``cli.train_parser()``'s, or ``dflash-hf train``'s)."""
+        """The spec of parsed train options (``options.train_parser()``'s, or ``dflash-hf train``'s)."""
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         return cls(**{**given, **overrides})
 
@@ -191,7 +192,7 @@ def run_pipeline(spec: TrainSpec) -> Path:
     out = Path(spec.out)
     check_rerun(spec)
     with _inputs_checked():
-        target, tokenizer = _load_target(spec.target)
+        target, tokenizer = load_target(spec.target)
     warm_drafter, gen_drafter = early_drafters(spec, target)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "command.json", json.dumps({"command": spec.command_line or spec.as_command()}))
@@ -241,9 +242,9 @@ def early_drafters(spec: TrainSpec, target: Any) -> tuple[Any | None, Any | None
     with _inputs_checked():
         gen_drafter = None
         if spec.gen_drafter:
-            gen_drafter = _load_drafter(spec.gen_drafter, target, target.dtype, "--gen-drafter")
+            gen_drafter = load_drafter(spec.gen_drafter, target, target.dtype, "--gen-drafter")
         if spec.init_from:
-            warm = _load_drafter(spec.init_from, target, torch.float32, "--init-from").float()
+            warm = load_drafter(spec.init_from, target, torch.float32, "--init-from").float()
             _check_cached_features(spec, warm.config.target_layer_ids)
             return warm, gen_drafter
         _check_cached_features(spec, new_drafter(spec, target).config.target_layer_ids)

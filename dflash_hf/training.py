@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .data import load_records, read_jsonl, response_spans
 from .fileio import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_file, atomic_write_text, make_shareable, staging_dir
-from .generation_dflash import TapRecorder, draft_block
+from .draft_dflash import draft_block
+from .pair_dflash import TapRecorder
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 RECIPE_FILE = "training.json"  # a run's recipe; exported drafter folders carry it too

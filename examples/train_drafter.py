@@ -12,7 +12,7 @@ In your own code, the spec is a dataclass:
 
 from __future__ import annotations
 
-from dflash_hf.cli import train_parser
+from dflash_hf.options import train_parser
 from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline
 
 

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import dflash_hf
-from dflash_hf.generation_dflash import DraftSession
+from dflash_hf.draft_dflash import DraftSession
 
 VOCAB = 96
 COMMON = dict(

@@ -13,6 +13,7 @@ from conftest import COMMON
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import dflash_hf.cli as cli
+import dflash_hf.options as options
 import dflash_hf.prompt_sources as prompt_sources
 from dflash_hf.campaign import (
     append_ledger_row,
@@ -122,7 +123,7 @@ def test_the_ledger_accumulates_per_recipe_and_draws_its_plot(tmp_path):
 
 @pytest.mark.parametrize(("text", "seconds"), [("120m", 7200.0), ("2h", 7200.0), ("90s", 90.0), ("5400", 5400.0)])
 def test_durations_read_as_written(text, seconds):
-    assert cli.duration(text) == seconds
+    assert options.duration(text) == seconds
 
 
 @pytest.mark.parametrize(("budget", "message"), [("soon", "not a duration: 'soon'"), ("0m", "above zero"),

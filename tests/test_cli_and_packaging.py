@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import dflash_hf.bench as bench
 import dflash_hf.cli as cli
+import dflash_hf.options as options
 from dflash_hf import hub
 from dflash_hf.default_pair import converted_target_dir, default_drafter_dir
 from dflash_hf.fileio import atomic_write_text, make_shareable, staging_dir
@@ -256,7 +257,7 @@ def test_pair_mismatch_is_reported_right_after_loading(layers, hidden, message, 
 
 
 def test_plain_model_given_as_drafter_is_not_a_dflash_checkpoint(tiny_target_dir, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_target", lambda *a: pytest.fail("the target loaded before the drafter check"))
+    monkeypatch.setattr(cli, "load_target", lambda *a: pytest.fail("the target loaded before the drafter check"))
     line = command_error(["demo", "--drafter", str(tiny_target_dir)], capsys)
     assert line.startswith(f"dflash-hf: error: --drafter {tiny_target_dir} is not a DFlash checkpoint: its "
                            "config.json (model_type 'llama', architectures ['LlamaForCausalLM']) has no dflash_config")
@@ -452,9 +453,9 @@ def test_help_has_no_markup_and_every_option_is_explained():
 
 
 def test_cli_block_size_bound_is_the_decode_loop_s():
-    from dflash_hf.generation_dflash import MAX_BLOCK_SIZE
+    from dflash_hf.pair_dflash import MAX_BLOCK_SIZE
 
-    assert cli.MAX_BLOCK_SIZE == MAX_BLOCK_SIZE
+    assert options.MAX_BLOCK_SIZE == MAX_BLOCK_SIZE
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_a_real_drafter_with_every_schedule_is_lossless_in_a_batch(family):
 
 def test_a_plain_step_keeps_the_drafter_s_context_for_its_next_draft(monkeypatch):
     """After plain steps, the next draft sees every position the drafter missed (none lost, none twice)."""
-    from dflash_hf.generation_dflash import DraftSession
+    from dflash_hf.draft_dflash import DraftSession
 
     target = make_target("qwen3")
     drafter = _auto(make_drafter(target, block_size=8), STEEP)

@@ -14,7 +14,8 @@ from test_hybrid_targets import make_hybrid
 from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
-from dflash_hf.generation_dflash import DraftSession, validate_pair
+from dflash_hf.draft_dflash import DraftSession
+from dflash_hf.pair_dflash import validate_pair
 from dflash_hf.modeling_dflash import DraftCache
 from dflash_hf.training import block_attention_mask
 

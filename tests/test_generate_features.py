@@ -13,7 +13,7 @@ from test_batched import left_pad, prompts
 
 import dflash_hf
 from dflash_hf.configuration_dflash import DFlashConfig, default_target_layer_ids
-from dflash_hf.generation_dflash import DraftSession
+from dflash_hf.draft_dflash import DraftSession
 from dflash_hf.transformers_compat import generate_output_cache_field
 
 

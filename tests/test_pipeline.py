@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import dflash_hf.cli as cli
+import dflash_hf.options as options
 from dflash_hf.data import load_records
 from dflash_hf.default_pair import converted_target_dir
 from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline, target_eos_ids, train_config
@@ -22,7 +23,7 @@ from dflash_hf.training import draft_vocabulary
 
 
 def _options() -> dict:
-    return {a.dest: a for a in cli.train_parser()._actions if a.option_strings and a.dest != "help"}
+    return {a.dest: a for a in options.train_parser()._actions if a.option_strings and a.dest != "help"}
 
 
 def test_train_spec_has_one_field_per_train_option_with_the_command_s_default():
@@ -31,7 +32,7 @@ def test_train_spec_has_one_field_per_train_option_with_the_command_s_default():
     for name, action in _options().items():
         default = fields[name].default
         assert (default is dataclasses.MISSING) if action.required else (default == action.default), name
-    assert TrainSpec.from_args(cli.train_parser().parse_args(["--out", "run"])) == TrainSpec(out="run")
+    assert TrainSpec.from_args(options.train_parser().parse_args(["--out", "run"])) == TrainSpec(out="run")
 
 
 # The option, as TrainSpec keywords and as command words, and what both say about it.
@@ -97,7 +98,7 @@ def test_as_command_is_a_command_line_that_gives_the_spec_back(tmp_path):
     words = shlex.split(spec.as_command())
     assert words[:4] == ["dflash-hf", "train", "--out", str(tmp_path / "my run")]
     assert "--steps" not in words  # left at its default
-    assert TrainSpec.from_args(cli.train_parser().parse_args(words[2:])) == spec
+    assert TrainSpec.from_args(options.train_parser().parse_args(words[2:])) == spec
 
 
 def test_train_config_takes_the_trainer_s_options():
@@ -143,7 +144,7 @@ def test_run_pipeline_writes_what_the_command_writes(tiny_target, tmp_path, caps
     torch.manual_seed(0)
     assert cli.main(argv) == 0
     printed_by_cli = capsys.readouterr().out.replace(str(tmp_path / "cli"), "RUN")
-    spec = TrainSpec.from_args(cli.train_parser().parse_args(_train_argv(tiny_target, tmp_path / "lib")[1:]),
+    spec = TrainSpec.from_args(options.train_parser().parse_args(_train_argv(tiny_target, tmp_path / "lib")[1:]),
                                command_line="dflash-hf " + " ".join(argv))
     torch.manual_seed(0)
     assert run_pipeline(spec) == tmp_path / "lib" / "drafter"
@@ -165,7 +166,7 @@ def test_run_pipeline_writes_what_the_command_writes(tiny_target, tmp_path, caps
 
 def test_a_library_run_records_its_equivalent_command_and_resumes(tiny_target, tmp_path, capsys):
     run = tmp_path / "run"
-    spec = TrainSpec.from_args(cli.train_parser().parse_args(_train_argv(tiny_target, run, "--steps", "0")[1:]))
+    spec = TrainSpec.from_args(options.train_parser().parse_args(_train_argv(tiny_target, run, "--steps", "0")[1:]))
     assert run_pipeline(spec) == run  # data and features only
     assert "(--steps 0: no training)" in capsys.readouterr().out
     assert json.loads((run / "command.json").read_text())["command"] == spec.as_command()

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dflash_hf.cli as cli
+import dflash_hf.options as options
 import dflash_hf.prompt_sources as sources
 from dflash_hf.data import chat_ids, generate_responses, load_records, regenerate, write_shards
 from dflash_hf.machine import describe_cpu, parse_cpuinfo
@@ -364,7 +365,7 @@ def tiny_pair_dirs(tmp_path_factory, tokenizer):
 def test_suite_names_agree():
     from dflash_hf.suites import SUITES
 
-    assert cli.SUITE_NAMES == SUITES and cli.TRAINING_SOURCE_NAMES == sources.TRAINING_SOURCES
+    assert options.SUITE_NAMES == SUITES and options.TRAINING_SOURCE_NAMES == sources.TRAINING_SOURCES
 
 
 def test_bench_suites_write_one_table_with_the_machine(tiny_pair_dirs, tmp_path, monkeypatch, capsys):

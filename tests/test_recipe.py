@@ -12,7 +12,7 @@ from test_training import _acceptance, _target_records as _records  # the traine
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
 from dflash_hf.data import load_records, write_shards
-from dflash_hf.generation_dflash import DraftSession
+from dflash_hf.draft_dflash import DraftSession
 from dflash_hf.training import (
     DraftHead,
     FeatureDataset,

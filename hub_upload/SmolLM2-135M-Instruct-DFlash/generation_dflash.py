@@ -12,14 +12,13 @@ One verify step, with ``start`` = tokens the target has processed (its cache len
 
 The pieces live in their own modules: ``verify_dflash`` (logits processors and the acceptance rule),
 ``cache_dflash`` (the draft cache and target-cache surgery), ``matmul_dflash`` (the CPU few-row routine) and
-``patch_dflash`` (how ``generate`` dispatches here). This module holds the pair checks, the taps, the drafting
-session and the loop.
+``patch_dflash`` (how ``generate`` dispatches here), ``pair_dflash`` (the pair checks, the per-call options and the
+taps) and ``draft_dflash`` (the drafting session). This module holds the loop; it also re-exports the names of the
+last two, which were defined here before.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,6 @@ from torch import nn
 from transformers.utils import logging
 
 from .cache_dflash import (
-    DraftCache,
     LinearStateSnapshot,
     activate_past_recording,
     compact_if_wasteful,
@@ -43,20 +41,22 @@ from .cache_dflash import (
     select_cache_rows,
     uncroppable_cache_problem,
 )
-from .matmul_dflash import few_row_products, planned_linear, routed_linears
-from .schedule_dflash import PROBE_EVERY, AcceptanceProfile, DraftSchedule, VerifyCosts
-from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, layer_output_hidden, make_generate_output
-from .verify_dflash import SAMPLING_MODES, BatchProcessorView, BlockVerifier
+from .draft_dflash import DraftSession, draft_block
+from .matmul_dflash import few_row_products, routed_linears
+from .pair_dflash import (
+    DFlashOptions,
+    TapRecorder,
+    draft_schedule,
+    target_decoder_layers,
+    target_text_config,
+    validate_pair,
+)
+from .schedule_dflash import PROBE_EVERY
+from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, make_generate_output
+from .verify_dflash import BatchProcessorView, BlockVerifier
 
 logger = logging.get_logger(__name__)
 
-# Attention-only families, whose KV cache crops exactly, and hybrids with Gated-DeltaNet linear attention, whose
-# conv/recurrent states are rolled back by snapshot and re-run (see run_dflash_decoding).
-SUPPORTED_TARGET_TYPES = (
-    "llama", "qwen2", "qwen3", "qwen3_moe",
-    "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
-)
-MAX_BLOCK_SIZE = 128
 
 
 @dataclass
@@ -104,319 +104,6 @@ class DFlashStats:
         out["rows"] = [row.as_dict() for row in self.rows]
         out["mean_acceptance_length"] = self.mean_acceptance_length
         return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Target introspection and pair validation
-# ------------------------------------------------------------------------------------------------------------------
-def target_text_config(target: nn.Module) -> Any:
-    config = target.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def target_decoder_layers(target: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a causal LM (also inside ``…ForConditionalGeneration`` wrappers)."""
-    candidates = [target]
-    for attr in ("model", "language_model", "transformer"):
-        for module in list(candidates):
-            child = getattr(module, attr, None)
-            if isinstance(child, nn.Module):
-                candidates.append(child)
-    for module in reversed(candidates):
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(
-        f"Could not find the decoder layers of {type(target).__name__} (looked for `.model.layers`, "
-        "`.model.language_model.layers`). DFlash needs them to tap hidden states."
-    )
-
-
-def check_target_family(target: nn.Module) -> Any:
-    """The target's text config; a ValueError naming the family when DFlash cannot serve it."""
-    tcfg = target_text_config(target)
-    model_type = getattr(tcfg, "model_type", None)
-    if model_type not in SUPPORTED_TARGET_TYPES:
-        raise ValueError(
-            f"DFlash does not support target model_type {model_type!r} ({type(target).__name__}) yet (supported: "
-            f"{', '.join(SUPPORTED_TARGET_TYPES)}). Use plain `generate` for this model."
-        )
-    return tcfg
-
-
-def validate_pair(target: nn.Module, drafter: nn.Module) -> None:
-    """Raise a ValueError that says what to fix when ``drafter`` cannot serve ``target``."""
-    cfg = drafter.config
-    tcfg = check_target_family(target)
-    if not 2 <= cfg.block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(
-            f"Drafter block_size={cfg.block_size} is outside 2…{MAX_BLOCK_SIZE}; DFlash drafters are trained with "
-            "blocks of 8–16 tokens. Fix `block_size` in the drafter's config.json."
-        )
-    num_layers = tcfg.num_hidden_layers
-    bad_taps = [i for i in cfg.target_layer_ids if not 0 <= i < num_layers]
-    if bad_taps:
-        raise ValueError(
-            f"Drafter taps target layers {cfg.target_layer_ids}, but the target has only {num_layers} decoder layers "
-            f"(ids {bad_taps} do not exist). This drafter was built for a different target; load the drafter "
-            "trained for this model or build one with DFlashDraftModel.from_target(target)."
-        )
-    fc_in = drafter.fc.in_features
-    expected = len(cfg.target_layer_ids) * tcfg.hidden_size
-    if fc_in != expected:
-        raise ValueError(
-            f"Drafter fc expects {fc_in} input features but {len(cfg.target_layer_ids)} taps × target hidden size "
-            f"{tcfg.hidden_size} = {expected}. The drafter was trained for a target with hidden size "
-            f"{fc_in // max(1, len(cfg.target_layer_ids))}; use a drafter made for this target."
-        )
-    embed = target.get_input_embeddings()
-    vocab_rows = embed.weight.shape[0] if hasattr(embed, "weight") else tcfg.vocab_size
-    embed_dim = embed.weight.shape[1] if hasattr(embed, "weight") else tcfg.hidden_size
-    if cfg.mask_token_id is None:
-        raise ValueError(
-            "The drafter config has no mask_token_id (dflash_config.mask_token_id); set it to the row of the "
-            "target's embedding the drafter was trained with."
-        )
-    if not 0 <= cfg.mask_token_id < vocab_rows:
-        raise ValueError(
-            f"Drafter mask_token_id={cfg.mask_token_id} is not a row of the target's embedding table "
-            f"({vocab_rows} rows). The drafter was trained for another vocabulary; use a matching drafter."
-        )
-    if cfg.hidden_size != embed_dim:
-        raise ValueError(
-            f"Drafter hidden_size={cfg.hidden_size} differs from the target embedding width {embed_dim}: the drafter "
-            "reads the target's embeddings and feeds the target's LM head, so they must match."
-        )
-    drafter_vocab = getattr(cfg, "vocab_size", None)
-    if drafter_vocab is not None and drafter_vocab != tcfg.vocab_size:
-        raise ValueError(
-            f"The drafter was built for a vocabulary of {drafter_vocab} tokens but the target has {tcfg.vocab_size} "
-            "(config vocab_size). A DFlash drafter drafts with its target's own embedding, LM head and tokenizer; "
-            "use the drafter trained for this target, or build one with DFlashDraftModel.from_target(target)."
-        )
-
-
-def max_drafts_per_step(drafter: nn.Module) -> int:
-    """Drafts verified per step: ``drafter.num_speculative_tokens`` (1 … block_size - 1), else block_size - 1
-    (also the most a step may verify when the number is chosen by cost, ``"auto"``)."""
-    most = drafter.config.block_size - 1
-    wanted = getattr(drafter, "num_speculative_tokens", None)
-    if wanted is None or wanted == "auto":
-        return most
-    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= most:
-        raise ValueError(
-            f"drafter.num_speculative_tokens must be an int from 1 to block_size - 1 = {most}, None for all, or "
-            f"'auto' to choose per step by this machine's measured costs; got {wanted!r}."
-        )
-    return wanted
-
-
-def draft_schedule(drafter: nn.Module, options: "DFlashOptions") -> DraftSchedule | None:
-    """The per-step choice of drafts when ``num_speculative_tokens == "auto"`` (None: every step verifies
-    ``options.max_drafts``). Needs ``drafter.verify_costs``, this machine's ``VerifyCosts`` for the target."""
-    if not options.drafts_by_cost:
-        return None
-    costs = getattr(drafter, "verify_costs", None)
-    if not isinstance(costs, VerifyCosts):
-        raise ValueError(
-            "drafter.num_speculative_tokens = 'auto' chooses the drafts of each step by what verifying them costs "
-            "here, but drafter.verify_costs is not set: measure them once with "
-            "dflash_hf.measure_verify_costs(target, drafter) (the dflash-hf commands do, and cache them), or set "
-            "num_speculative_tokens to a number."
-        )
-    profile = getattr(drafter, "acceptance_profile", None)
-    if not isinstance(profile, AcceptanceProfile) or profile.slots != options.max_drafts:
-        profile = drafter.acceptance_profile = AcceptanceProfile(options.max_drafts)  # kept across calls
-    return DraftSchedule(costs, profile, options.max_drafts)
-
-
-GENERATION_LOOPS = ("dflash", "transformers")
-
-
-@dataclass(frozen=True)
-class DFlashOptions:
-    """The drafter's user-settable attributes, read and checked once per generate call.
-
-    ``getattr`` defaults keep drafters of older copies of this module (remote code saved before an option
-    existed) working.
-    """
-
-    generation_loop: str
-    sampling_mode: str
-    max_drafts: int
-    few_row_matmul_on_cpu: bool | str
-    drafts_by_cost: bool = False  # num_speculative_tokens == "auto": each step's drafts chosen by draft_schedule
-
-    @classmethod
-    def from_drafter(cls, drafter: nn.Module) -> "DFlashOptions":
-        loop = getattr(drafter, "generation_loop", "dflash")
-        if loop not in GENERATION_LOOPS:
-            raise ValueError(
-                f"drafter.generation_loop must be one of {GENERATION_LOOPS}, got {loop!r}: 'dflash' is our loop "
-                "(the default), 'transformers' drives DFlashCandidateGenerator from transformers' assisted loop."
-            )
-        mode = getattr(drafter, "sampling_mode", "auto")
-        if mode not in SAMPLING_MODES:
-            raise ValueError(f"drafter.sampling_mode must be 'auto', 'strict' or 'ratio', got {mode!r}.")
-        few_rows = getattr(drafter, "few_row_matmul_on_cpu", True)
-        if not (few_rows is True or few_rows is False or few_rows == "always"):
-            raise ValueError(f"drafter.few_row_matmul_on_cpu must be True (the routine where this machine's "
-                             f"timings favour it), 'always' or False, got {few_rows!r}.")
-        by_cost = getattr(drafter, "num_speculative_tokens", None) == "auto"
-        if by_cost and loop != "dflash":
-            raise ValueError("num_speculative_tokens = 'auto' needs generation_loop = 'dflash' (transformers' "
-                             "assisted loop verifies a fixed number of drafts); set a number for that loop.")
-        return cls(loop, mode, max_drafts_per_step(drafter), few_rows, by_cost)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Taps: forward hooks on exactly the tapped decoder layers
-# ------------------------------------------------------------------------------------------------------------------
-class TapRecorder:
-    """Captures the outputs of ``layer_ids`` decoder layers on every target forward of its own thread.
-
-    ``take()`` returns them concatenated on the feature axis: [B, T, K * hidden], in ``layer_ids`` order, on
-    ``device``. Hooks are removed on exit, also when generation raises. Forwards that other threads run on the
-    same target (a service answering two requests at once) pass through the hooks unrecorded: the hooks belong
-    to the module, the recording to the generate call that opened it.
-    """
-
-    def __init__(self, target: nn.Module, layer_ids: list[int], device: torch.device) -> None:
-        self.layers = target_decoder_layers(target)
-        self.layer_ids = list(layer_ids)
-        self.device = device
-        self._captured: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-        self._thread = threading.get_ident()
-
-    def __enter__(self) -> "TapRecorder":
-        for idx in self.layer_ids:
-            self._handles.append(self.layers[idx].register_forward_hook(functools.partial(self._record, idx)))
-        return self
-
-    def _record(self, idx: int, module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() == self._thread:
-            self._captured[idx] = layer_output_hidden(output).detach()
-
-    def take(self) -> torch.Tensor:
-        missing = [i for i in self.layer_ids if i not in self._captured]
-        if missing:
-            raise RuntimeError(f"Target layers {missing} did not run during the last forward; cannot tap them.")
-        taps = torch.cat([self._captured.pop(i).to(self.device) for i in self.layer_ids], dim=-1)
-        return taps
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._captured.clear()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Drafting
-# ------------------------------------------------------------------------------------------------------------------
-def draft_block(anchor: torch.Tensor, block_size: int, mask_token_id: int) -> torch.Tensor:
-    """The drafter's input block ``[anchor, MASK × (block_size - 1)]`` for each anchor [R] -> [R, block_size]
-    (the decode loop drafts one per row; training opens one per sampled anchor)."""
-    block = torch.full((anchor.shape[0], block_size), mask_token_id, dtype=torch.long, device=anchor.device)
-    block[:, 0] = anchor
-    return block
-
-
-class DraftSession:
-    """The drafter's side of one generation: the draft cache and the target's shared embedding and LM head."""
-
-    def __init__(self, target: nn.Module, drafter: nn.Module, options: DFlashOptions | None = None) -> None:
-        self.drafter = drafter
-        self.embed = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
-        self.block_size = drafter.config.block_size
-        self.mask_token_id = drafter.config.mask_token_id
-        self.device = drafter.fc.weight.device
-        self.cache = DraftCache()
-        self.options = options or DFlashOptions.from_drafter(drafter)
-        self.max_drafts = self.options.max_drafts
-        self._full_logits: torch.Tensor | None = None  # [R, n, V], -inf off the draft vocabulary (see draft_logits)
-
-    @torch.no_grad()
-    def propose(
-        self,
-        anchor: torch.Tensor,
-        anchor_position: torch.Tensor,
-        context_taps: torch.Tensor,
-        context_positions: torch.Tensor,
-        num_drafts: int | None = None,
-    ) -> torch.Tensor:
-        """Draft logits for the B-1 slots after ``anchor``.
-
-        anchor: [R] token ids opening the block; anchor_position: [R] their positions.
-        context_taps: [R, C, K*H] taps of committed positions not yet in the draft cache; context_positions: [R, C].
-        Returns [R, n, V] logits from the target's LM head, n = ``num_drafts`` (default ``max_drafts``: B-1 unless
-        the drafter's ``num_speculative_tokens`` asks for fewer); only those slots go through the LM head.
-        """
-        num_drafts = self.max_drafts if num_drafts is None else num_drafts
-        block = draft_block(anchor, self.block_size, self.mask_token_id)
-        offsets = torch.arange(self.block_size, device=anchor_position.device)
-        block_positions = anchor_position[:, None] + offsets  # [R, B]
-        embeds = self.embed(block.to(self.embed.weight.device))
-        with few_row_products(self.device, self.options.few_row_matmul_on_cpu):
-            hidden = self.drafter(
-                embeds.to(self.device),
-                context_taps.to(self.device),
-                block_positions.to(self.device),
-                context_positions.to(self.device),
-                cache=self.cache,
-                output_slots=slice(1, 1 + num_drafts),  # only the slots that will be verified: [R, n, H]
-            )
-            return self.draft_logits(hidden)
-
-    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[R, n, H] drafter states -> [R, n, V] logits over the whole vocabulary. With a reduced draft vocabulary
-        only its rows of the LM head are multiplied and every other token gets -inf (never drafted).
-
-        The full-vocabulary tensor is one buffer per session, filled with -inf once: each block writes only the
-        draft vocabulary's columns, so the rest stay -inf. What is returned is valid until the next call."""
-        head, vocab = self.draft_head()
-        hidden = hidden.to(device=head.weight.device, dtype=head.weight.dtype)
-        logits = planned_linear(hidden, head.weight, head.bias) if type(head) is nn.Linear else head(hidden)
-        if vocab is None:
-            return logits
-        rows, slots = logits.shape[:2]
-        buffer = self._full_logits
-        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] < slots or buffer.dtype != logits.dtype:
-            buffer = logits.new_full((rows, slots, self.lm_head.out_features), float("-inf"))
-            self._full_logits = buffer
-        return buffer[:rows, :slots].index_copy_(-1, vocab, logits)
-
-    def draft_head(self) -> tuple[nn.Module, torch.Tensor | None]:
-        """The head drafts go through and the token ids of its rows (None: the whole vocabulary, in order).
-
-        It is the target's LM head, cast to the drafter's dtype when the two differ (e.g. a bfloat16 drafter of a
-        float32 target on CPU), and cut to the drafter's ``draft_vocab`` when it has one: drafts are only
-        proposals, so neither changes the output. The copy is kept on the drafter and remade when the head's
-        weights change. A head that is not a plain linear layer (quantized) is used as it is, whole."""
-        head = self.lm_head
-        dtype = self.drafter.fc.weight.dtype
-        draft_vocab = getattr(self.drafter.config, "draft_vocab", None)
-        plain = type(head) is nn.Linear and head.weight.is_floating_point()
-        if not plain or (head.weight.dtype == dtype and draft_vocab is None):
-            return head, None
-        key = (head.weight.data_ptr(), head.weight._version, dtype, head.weight.device, id(draft_vocab))
-        cached = getattr(self.drafter, "_draft_head_cache", None)
-        if cached is None or cached[0] != key:
-            vocab = None if draft_vocab is None else torch.tensor(draft_vocab, device=head.weight.device)
-            rows = head.weight if vocab is None else head.weight.index_select(0, vocab)
-            copy = nn.Linear(head.in_features, rows.shape[0], bias=head.bias is not None,
-                             device=head.weight.device, dtype=dtype).requires_grad_(False)
-            copy.weight.copy_(rows)
-            if head.bias is not None:
-                copy.bias.copy_(head.bias if vocab is None else head.bias.index_select(0, vocab))
-            cached = (key, copy, vocab)
-            self.drafter._draft_head_cache = cached  # a plain attribute (a tuple): never saved, moved or trained
-        return cached[1], cached[2]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -21,14 +21,9 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 from transformers.utils import logging
 
-from .generation_dflash import (
-    DFlashOptions,
-    DFlashStats,
-    DraftSession,
-    TapRecorder,
-    report_finished_call,
-    validate_pair,
-)
+from .draft_dflash import DraftSession
+from .generation_dflash import DFlashStats, report_finished_call
+from .pair_dflash import DFlashOptions, TapRecorder, validate_pair
 from .transformers_compat import (
     assistant_from_validate_args,
     cache_from_model_kwargs,
