@@ -29,6 +29,7 @@ def is_dflash_config(config: dict) -> bool:
 
 
 def config_dict(source: str) -> dict:
+    """The raw config.json of a model id or folder, without building the model."""
     from transformers import PretrainedConfig
 
     config, _ = PretrainedConfig.get_config_dict(source)
@@ -71,8 +72,8 @@ def load_target(target_path: str | None, torch_dtype: Any = None) -> tuple[Any, 
 
 def load_drafter(source: str, target: Any, dtype: Any, option: str = "--drafter") -> Any:
     """A DFlash drafter on the target's device, checked against the target (a mismatch fails here, not later)."""
-    from .pair_dflash import validate_pair
     from .modeling_dflash import DFlashDraftModel
+    from .pair_dflash import validate_pair
 
     require_drafter(source, option)
     drafter = DFlashDraftModel.from_pretrained(source, dtype=dtype).to(target.device).eval()
@@ -80,5 +81,5 @@ def load_drafter(source: str, target: Any, dtype: Any, option: str = "--drafter"
     return drafter
 
 
-__all__ = ["config_dict", "input_errors_as", "is_dflash_config", "load_drafter", "load_target", "refuse_drafter_as_target",
-           "require_drafter"]
+__all__ = ["config_dict", "input_errors_as", "is_dflash_config", "load_drafter", "load_target",
+           "refuse_drafter_as_target", "require_drafter"]

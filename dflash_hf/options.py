@@ -8,7 +8,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-# The first of assets/bench_prompts.jsonl is cli.DEFAULT_PROMPT; these name what the options accept.
 DTYPES = ("float32", "bfloat16", "float16")
 SUITE_NAMES = ("bench-prompts", "sharegpt-test", "humaneval")  # suites.SUITES (a test checks that they agree)
 TRAINING_SOURCE_NAMES = ("sharegpt", "chitchat")  # prompt_sources.TRAINING_SOURCES

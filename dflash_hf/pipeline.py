@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from .loading import input_errors_as, load_drafter, load_target
-from .options import TRAINING_SOURCE_NAMES, train_parser
 from .data import count_records, load_prompts, load_records, magpie_prompts, read_jsonl, regenerate
 from .fileio import atomic_write_text, make_shareable
+from .loading import input_errors_as, load_drafter, load_target
 from .modeling_dflash import DFlashDraftModel
+from .options import TRAINING_SOURCE_NAMES, train_parser
 from .prompt_sources import training_conversations
 from .training import (
     RECIPE_FILE,
