@@ -42,10 +42,12 @@ from .cache_dflash import (
     uncroppable_cache_problem,
 )
 from .draft_dflash import DraftSession, draft_block
+from .lookup_dflash import LookupChooser
 from .matmul_dflash import few_row_products, routed_linears
 from .pair_dflash import (
     DFlashOptions,
     TapRecorder,
+    check_prompt_lookup,
     draft_schedule,
     target_decoder_layers,
     target_text_config,
@@ -90,6 +92,10 @@ class DFlashStats:
     # Drafts each step verified (0: a plain step, which commits one token): the fixed number, or what
     # num_speculative_tokens = "auto" chose; fewer near max_length.
     drafts_per_step: list[int] = field(default_factory=list)
+    # Prompt lookup (``prompt_lookup_num_tokens``): row-steps that verified an n-gram continuation instead of the
+    # drafter's block, and steps that verified drafts without running the drafter.
+    lookup_proposals: int = 0
+    drafter_forwards_skipped: int = 0
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -292,6 +298,7 @@ def run_dflash_decoding(
     processors = BatchProcessorView(logits_processor, num_rows, pad_token)
     session = DraftSession(target, drafter, options)
     schedule = draft_schedule(drafter, options)
+    chooser = _lookup_chooser(drafter, options, generation_config, schedule)
     stats = DFlashStats(sampling=verifier.mode, block_size=session.block_size, verify_backend=verifier.backend)
     if num_rows > 1:
         stats.rows = [DFlashStats(sampling=verifier.mode, block_size=session.block_size,
@@ -400,16 +407,23 @@ def run_dflash_decoding(
                     f"on this machine; decoding plainly, drafting one step in {PROBE_EVERY} to check again. Set "
                     "drafter.num_speculative_tokens to a number to draft every step."
                 )
-            num_drafts = (state.limit - cur_len - 1).clamp(min=0, max=wanted)
-            width = int(num_drafts.max())
-            stats.drafts_per_step.append(width)
+            room = (state.limit - cur_len - 1).clamp(min=0)  # drafts each row may verify before its limit
+            num_drafts = room.clamp(max=wanted)
+            proposals = None
+            if chooser is not None:
+                starts = state.padding.tolist()  # a row's left padding is not text to look up
+                proposals = chooser.propose([state.sequences[r, starts[i] : state.lengths[r]] for i, r in
+                                             enumerate(rows)], room.tolist(), wanted)
+                if not proposals.run_drafter:
+                    num_drafts = torch.zeros_like(num_drafts)
             draft_scores, unseen = None, None
-            if width == 0:  # a plain step: the drafter reads the context it missed at its next draft
+            drafter_width = int(num_drafts.max())
+            if drafter_width == 0:  # no drafter forward: it reads the context it missed at its next draft
                 drafts = state.next_token.new_empty(len(rows), 0)
                 unseen = (state.context, state.context_positions)
             else:
                 draft_logits = session.propose(state.next_token, state.real_len.to(session.device), state.context,
-                                               state.context_positions, width).to(device)  # [R, n, V]
+                                               state.context_positions, drafter_width).to(device)  # [R, n, V]
                 if verifier.samples_drafts:
                     drafts, draft_scores = processors.sampled_drafts(
                         draft_logits, rows, state.all_rows(),
@@ -417,6 +431,15 @@ def run_dflash_decoding(
                     )
                 else:
                     drafts = draft_logits.argmax(dim=-1)  # [R, n]
+            drafter_counts = num_drafts
+            if proposals is not None and any(proposals.lookup):
+                drafts, num_drafts = _with_lookups(proposals, drafts, num_drafts, state.next_token)
+                drafter_counts = num_drafts.masked_fill(torch.tensor(proposals.lookup, device=device), 0)
+                stats.lookup_proposals += sum(proposals.lookup)
+                stats.drafter_forwards_skipped += drafter_width == 0
+            width = int(num_drafts.max())
+            drafts = drafts[:, :width]
+            stats.drafts_per_step.append(width)
             t1 = time.perf_counter()
             stats.draft_time_s += t1 - t0
 
@@ -487,7 +510,10 @@ def run_dflash_decoding(
                 state.mask = left_aligned_mask(state.mask)
             stats.verify_time_s += time.perf_counter() - t1
             if schedule is not None:
-                schedule.observe(width, counts, t1 - t0, time.perf_counter() - t1)
+                schedule.observe(width, counts, t1 - t0, time.perf_counter() - t1,
+                                 drafted=None if proposals is None else drafter_counts.tolist())
+            if proposals is not None:
+                chooser.observe(proposals, counts, drafter_counts.tolist())
 
         stats.draft_cache_bytes = int(session.cache.nbytes())
         if num_rows > 1:
@@ -512,6 +538,41 @@ def run_dflash_decoding(
         output, cache, scores=tuple(scores_out) if want_scores else None,
         logits=tuple(logits_out) if want_logits else None,
     )
+
+
+def _lookup_chooser(drafter: nn.Module, options: DFlashOptions, generation_config: Any,
+                    schedule: Any) -> LookupChooser | None:
+    """Prompt lookup for this call: ``generate(prompt_lookup_num_tokens=…, max_matching_ngram_size=…)`` where
+    given, else the drafter's ``prompt_lookup_num_tokens`` / ``prompt_lookup_max_ngram``; None when neither asks."""
+    num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
+    if num_tokens is None:
+        num_tokens = options.prompt_lookup_num_tokens
+    if max_ngram is None:
+        max_ngram = options.prompt_lookup_max_ngram
+    check_prompt_lookup(num_tokens, max_ngram, "prompt_lookup_num_tokens", "max_matching_ngram_size")
+    if num_tokens is None:
+        return None
+    if generation_config.do_sample:
+        raise ValueError(
+            "Prompt lookup in the DFlash loop works with greedy decoding only: a copied n-gram has no draft "
+            "distribution to sample against. Drop prompt_lookup_num_tokens (or set drafter.prompt_lookup_num_tokens "
+            "= None) for do_sample=True."
+        )
+    return LookupChooser(drafter, num_tokens, max_ngram, options.max_drafts, schedule)
+
+
+def _with_lookups(proposals: Any, drafts: torch.Tensor, num_drafts: torch.Tensor,
+                  next_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's drafts [R, n] and counts [R] once the rows that take their lookup have it in place of the
+    drafter's block (the other rows keep theirs; slots a row does not verify hold any token)."""
+    longest = max(t.numel() for t, use in zip(proposals.tokens, proposals.lookup) if use)
+    width = max(drafts.shape[1], longest)
+    filler = next_token[:, None].expand(-1, width).clone()  # [R, width]
+    filler[:, : drafts.shape[1]] = drafts
+    looked, counts = proposals.lookup_drafts(width, filler)
+    use = torch.tensor(proposals.lookup, device=drafts.device)
+    return looked, torch.where(use, counts, num_drafts)
 
 
 def report_finished_call(drafter: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lookup_dflash import DEFAULT_MAX_NGRAM
 from .schedule_dflash import AcceptanceProfile, DraftSchedule, VerifyCosts
 from .transformers_compat import layer_output_hidden
 from .verify_dflash import SAMPLING_MODES
@@ -167,6 +168,10 @@ class DFlashOptions:
     max_drafts: int
     few_row_matmul_on_cpu: bool | str
     drafts_by_cost: bool = False  # num_speculative_tokens == "auto": each step's drafts chosen by draft_schedule
+    # drafter.prompt_lookup_num_tokens: each step may verify an n-gram continuation from the row's own sequence
+    # instead of the drafter's block (lookup_dflash); generate(prompt_lookup_num_tokens=...) overrides it per call.
+    prompt_lookup_num_tokens: int | None = None
+    prompt_lookup_max_ngram: int = DEFAULT_MAX_NGRAM
 
     @classmethod
     def from_drafter(cls, drafter: nn.Module) -> "DFlashOptions":
@@ -187,7 +192,23 @@ class DFlashOptions:
         if by_cost and loop != "dflash":
             raise ValueError("num_speculative_tokens = 'auto' needs generation_loop = 'dflash' (transformers' "
                              "assisted loop verifies a fixed number of drafts); set a number for that loop.")
-        return cls(loop, mode, max_drafts_per_step(drafter), few_rows, by_cost)
+        lookup = getattr(drafter, "prompt_lookup_num_tokens", None)
+        ngram = getattr(drafter, "prompt_lookup_max_ngram", DEFAULT_MAX_NGRAM)
+        check_prompt_lookup(lookup, ngram, "drafter.prompt_lookup_num_tokens", "drafter.prompt_lookup_max_ngram")
+        if lookup is not None and loop != "dflash":
+            raise ValueError("drafter.prompt_lookup_num_tokens needs generation_loop = 'dflash': transformers' "
+                             "assisted loop takes one kind of proposal per call. Set it to None for that loop.")
+        return cls(loop, mode, max_drafts_per_step(drafter), few_rows, by_cost, lookup, ngram)
+
+
+def check_prompt_lookup(num_tokens: Any, max_ngram: Any, tokens_name: str, ngram_name: str) -> None:
+    """Prompt-lookup settings: a positive number of tokens (or None: off) and a positive n-gram size."""
+    if num_tokens is not None and not (isinstance(num_tokens, int) and not isinstance(num_tokens, bool)
+                                       and num_tokens >= 1):
+        raise ValueError(f"{tokens_name} must be a positive int (tokens a lookup may propose per step) or None "
+                         f"(no lookup), got {num_tokens!r}.")
+    if not (isinstance(max_ngram, int) and not isinstance(max_ngram, bool) and max_ngram >= 1):
+        raise ValueError(f"{ngram_name} must be a positive int (the longest suffix matched), got {max_ngram!r}.")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -179,6 +179,11 @@ def install_generate_patch() -> None:
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         assistant = kwargs.get("assistant_model")
         if is_dflash_drafter(assistant):
+            if generation_config.prompt_lookup_num_tokens is not None:
+                raise ValueError(
+                    "prompt_lookup_num_tokens with a DFlash assistant needs drafter.generation_loop = 'dflash' "
+                    "(the default): transformers' assisted loop takes one kind of proposal per call."
+                )
             generator = DFlashCandidateGenerator(self, assistant, generation_config)
             getattr(assistant, "_dflash_open_generators", []).append(generator)  # closed by _assisted_decoding
             return generator

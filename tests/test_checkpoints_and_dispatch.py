@@ -270,7 +270,7 @@ def test_checkpoint_loaded_without_remote_code_is_refused(tmp_path):
 
 PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_dflash.py", "transformers_compat.py",
                   "cache_dflash.py", "verify_dflash.py", "matmul_dflash.py", "patch_dflash.py", "schedule_dflash.py",
-                  "pair_dflash.py", "draft_dflash.py")
+                  "pair_dflash.py", "draft_dflash.py", "lookup_dflash.py")
 # What remote code may import: the libraries it runs on, and standard modules that neither reach the network nor
 # start processes. Relative imports (its own files) are always fine.
 ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "contextlib", "dataclasses", "functools", "importlib",

@@ -99,7 +99,8 @@ def test_shipped_drafter_folder_is_complete():
     folder = default_drafter_dir()
     for name in ("config.json", "model.safetensors", "README.md", "modeling_dflash.py", "configuration_dflash.py",
                  "generation_dflash.py", "transformers_compat.py", "cache_dflash.py", "verify_dflash.py",
-                 "matmul_dflash.py", "patch_dflash.py", "schedule_dflash.py", "pair_dflash.py", "draft_dflash.py"):
+                 "matmul_dflash.py", "patch_dflash.py", "schedule_dflash.py", "pair_dflash.py", "draft_dflash.py",
+                 "lookup_dflash.py"):
         assert (folder / name).is_file(), name
 
 

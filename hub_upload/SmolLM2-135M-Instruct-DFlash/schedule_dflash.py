@@ -116,14 +116,19 @@ class DraftSchedule:
         best = max(rates, key=rates.get)
         return best, rates[best]
 
-    def observe(self, drafts: int, accepted: list[int], draft_s: float, verify_s: float) -> None:
+    def observe(self, drafts: int, accepted: list[int], draft_s: float, verify_s: float,
+                drafted: list[int] | None = None) -> None:
         """A step verified ``drafts`` drafts in each of ``len(accepted)`` rows (row i took ``accepted[i]``) in
-        ``draft_s`` + ``verify_s`` seconds."""
-        for a in accepted if drafts else ():
-            self.profile.observe(a, drafts)
+        ``draft_s`` + ``verify_s`` seconds. ``drafted[i]``: how many of row i's drafts were the drafter's (default
+        ``drafts``; 0 where the row verified a prompt lookup instead, which says nothing of the drafter); all 0:
+        the drafter did not run, so ``draft_s`` is not its time."""
+        drafted = [drafts] * len(accepted) if drafted is None else drafted
+        for a, mine in zip(accepted, drafted):
+            if mine:
+                self.profile.observe(a, mine)
         ratio = verify_s / self.costs.at(len(accepted) * (drafts + 1))
         self.scale += COST_SMOOTHING * (ratio - self.scale)
-        if drafts:
+        if any(drafted):
             self.draft_s = draft_s if self.draft_s is None else self.draft_s + COST_SMOOTHING * (draft_s - self.draft_s)
 
     def expected_speedup(self, rows: int = 1) -> float:
