@@ -36,6 +36,7 @@ PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens of the prompt-lookup metho
 METHOD_LABELS = {
     "plain": "plain generate (no drafter)",
     "dflash": "DFlash (dflash-hf loop)",
+    "dflash_lookup": f"DFlash + prompt lookup (n={PROMPT_LOOKUP_TOKENS})",
     "transformers_dflash": "DFlash in transformers' loop",
     "prompt_lookup": f"prompt lookup (n={PROMPT_LOOKUP_TOKENS})",
 }
@@ -178,6 +179,12 @@ def run_dflash(target: Any, drafter: Any, ids: torch.Tensor, **generate_kwargs: 
                        draft_s=stats.draft_time_s, verify_s=stats.verify_time_s)
 
 
+def run_dflash_lookup(target: Any, drafter: Any, ids: torch.Tensor, **generate_kwargs: Any) -> MethodRun:
+    """Our DFlash loop with prompt-lookup proposals: each step verifies the drafter's block or an n-gram copied
+    from the sequence, whichever is expected to bring more (``lookup_dflash``)."""
+    return run_dflash(target, drafter, ids, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **generate_kwargs)
+
+
 def run_transformers_dflash(target: Any, adapter: TransformersDFlashAdapter, ids: torch.Tensor,
                             **generate_kwargs: Any) -> MethodRun:
     """transformers' own DFlash path driving our drafter; it reports no steps, so its target forwards are counted."""
@@ -208,6 +215,7 @@ def _method_runners(methods: tuple[str, ...], target: Any, drafter: Any) -> dict
     runners = {
         "plain": functools.partial(run_plain, target),
         "dflash": functools.partial(run_dflash, target, drafter),
+        "dflash_lookup": functools.partial(run_dflash_lookup, target, drafter),
         "prompt_lookup": functools.partial(run_prompt_lookup, target),
     }
     if "transformers_dflash" in methods:
@@ -227,15 +235,19 @@ def run_bench(
     max_new_tokens: int = 128,
     methods: tuple[str, ...] | None = None,
     warmup: bool = True,
+    batch_shape_control: bool = False,
 ) -> dict:
     """Time every method on every prompt (alternating order); returns the results dict (JSON-ready).
 
-    Methods: plain greedy, our DFlash loop, transformers' own DFlash path driving the same drafter (when the
-    installed transformers has one) and prompt-lookup decoding.
+    Methods: plain greedy, our DFlash loop, the same with prompt-lookup proposals, transformers' own DFlash path
+    driving the same drafter (when the installed transformers has one) and prompt-lookup decoding.
+    ``batch_shape_control``: also run plain generate on each prompt as a batch of two copies and count the prompts
+    whose output then differs from one-row plain decoding: how often the target's own numerics depend on the
+    number of rows, the yardstick for the other methods' mismatches in reduced precision.
     """
     if methods is None:
-        methods = ("plain", "dflash", "transformers_dflash", "prompt_lookup") if transformers_has_dflash() else (
-            "plain", "dflash", "prompt_lookup")
+        methods = ("plain", "dflash", "dflash_lookup", "transformers_dflash", "prompt_lookup") \
+            if transformers_has_dflash() else ("plain", "dflash", "dflash_lookup", "prompt_lookup")
     runners = _method_runners(methods, target, drafter)
     device = next(target.parameters()).device
     base = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -245,12 +257,17 @@ def run_bench(
             run(encoded[0], **{**base, "max_new_tokens": 8})
     runs = [_run_prompt(runners, ids, index, base)
             for index, ids in enumerate(tqdm(encoded, desc="bench", unit="prompt"))]
-    return {
+    results = {
         "command": " ".join(["dflash-hf", *sys.argv[1:]]) if Path(sys.argv[0]).name == "dflash-hf" else None,
         **_run_facts(target, drafter, max_new_tokens, len(prompts)),
         **aggregate_runs(prompts, runs, methods, drafter.config.block_size,
                          two_row_ms=lambda: two_row_forward_ms(target, encoded[0])),
     }
+    if batch_shape_control:
+        results["plain_batch_of_two_mismatched_prompts"] = [
+            i for i, (ids, prompt_runs) in enumerate(zip(encoded, runs))
+            if not torch.equal(target.generate(ids.repeat(2, 1), **base)[:1], prompt_runs["plain"].output)]
+    return results
 
 
 def _run_prompt(runners: dict[str, Callable[..., MethodRun]], ids: torch.Tensor, index: int,
@@ -512,7 +529,32 @@ def format_table(results: dict) -> str:
                          f"DFlash would be {cost['speedup_over_two_row_decode']:.2f}x (speculation alone)")
     verdict = "lossless on every prompt" if results["lossless"] else f"MISMATCH: {results['mismatched_prompts']}"
     lines.append(f"{results['num_prompts']} prompts, {results['max_new_tokens']} new tokens max, greedy; {verdict}")
+    control = results.get("plain_batch_of_two_mismatched_prompts")
+    if control is not None:
+        lines.append(f"control: plain generate on each prompt as a batch of two differs from one-row plain on "
+                     f"{len(control)} of {results['num_prompts']} prompts ({results['dtype']}: the target's own "
+                     "numerics depend on the number of rows by that much)")
     return "\n".join(lines)
+
+
+def format_dtype_comparison(by_dtype: dict[str, dict]) -> str:
+    """One line per target dtype of a ``--dtype A B`` bench: each method's speedup over plain decoding in that
+    dtype, and how many prompts each method (and plain as a batch of two) left identical to one-row plain."""
+    methods = list(dict.fromkeys(m for results in by_dtype.values() for m in results["methods"] if m != "plain"))
+    head = ["dtype", "plain tok/s", *(METHOD_LABELS.get(m, m) for m in methods), "accept len",
+            "identical to plain", "plain batch of 2 identical"]
+    rows = []
+    for dtype, results in by_dtype.items():
+        n = results["num_prompts"]
+        tau = results["methods"].get("dflash", {}).get("mean_acceptance_length")
+        same = ", ".join(f"{m} {n - len(results['mismatched_prompts'].get(m, []))}/{n}" for m in methods)
+        control = results.get("plain_batch_of_two_mismatched_prompts")
+        rows.append([dtype, f"{results['methods']['plain']['tokens_per_s']:.2f}",
+                     *(f"{results['methods'][m]['speedup']:.2f}x" if m in results["methods"] else "-"
+                       for m in methods),
+                     f"{tau:.2f}" if tau is not None else "-", same,
+                     f"{n - len(control)}/{n}" if control is not None else "-"])
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *rows])
 
 
 def plot_results(results: dict, path: str | Path) -> None:
@@ -530,7 +572,8 @@ def plot_results(results: dict, path: str | Path) -> None:
     left.set(title=f"DFlash acceptance length per verify step (mean {tau:.2f})", xlabel="tokens committed per target forward", ylabel="steps")
     names = list(results["methods"])
     rates = [results["methods"][m]["tokens_per_s"] for m in names]
-    palette = {"plain": "#999999", "dflash": "#dd8452", "transformers_dflash": "#c44e52", "prompt_lookup": "#55a868"}
+    palette = {"plain": "#999999", "dflash": "#dd8452", "dflash_lookup": "#8172b3",
+               "transformers_dflash": "#c44e52", "prompt_lookup": "#55a868"}
     bars = right.bar([METHOD_LABELS.get(m, m) for m in names], rates, color=[palette.get(m, "#4c72b0") for m in names])
     plt.setp(right.get_xticklabels(), rotation=20, ha="right")
     for bar, m in zip(bars, names):

@@ -241,6 +241,29 @@ def _check_pair_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 # bench
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``dflash-hf bench``: once, or once per ``--dtype`` given, then a table of the dtypes side by side."""
+    dtypes = list(dict.fromkeys(args.dtype or [None]))
+    if len(dtypes) == 1:
+        return _bench_one_dtype(argparse.Namespace(**{**vars(args), "dtype": dtypes[0]}))
+    from .bench import format_dtype_comparison
+    from .fileio import atomic_write_text
+
+    codes, by_dtype = [], {}
+    for dtype in dtypes:
+        print(f"\n== target dtype {dtype} ==", flush=True)
+        one = argparse.Namespace(**{**vars(args), "dtype": dtype, "out": str(Path(args.out) / dtype)})
+        codes.append(_bench_one_dtype(one))
+        written = Path(one.out) / ("bench_suites.json" if args.suite else "bench.json")
+        if not args.suite and not args.batch_size and written.is_file():
+            by_dtype[dtype] = json.loads(written.read_text())
+    if by_dtype:
+        table = format_dtype_comparison(by_dtype)
+        print("\n" + table)
+        atomic_write_text(Path(args.out) / "dtypes.md", table + "\n")
+    return max(codes)
+
+
+def _bench_one_dtype(args: argparse.Namespace) -> int:
     from .bench import PLOT_EXTRA, can_plot
     from .suites import bench_prompts, suite_prompts
 
@@ -312,7 +335,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
     from .bench import format_table, run_bench, sampling_acceptance, write_outputs
 
-    results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens)
+    results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens,
+                        batch_shape_control=True)
     results["command"] = "dflash-hf " + " ".join(args.argv)
     if args.sampling_temperature is not None:
         results["sampling_acceptance"] = sampling_acceptance(
@@ -381,13 +405,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
-def _add_pair_args(parser: argparse.ArgumentParser) -> None:
+def _add_pair_args(parser: argparse.ArgumentParser, several_dtypes: bool = False) -> None:
     parser.add_argument("--target", metavar="ID_OR_DIR", type=model_source,
                         help="transformers model id or folder (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--drafter", metavar="ID_OR_DIR", type=model_source,
                         help="DFlash drafter id or folder (default: the shipped drafter; required with --target)")
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="target dtype (default: float32 for the default target, the checkpoint's for others)")
+    dtype_help = "target dtype (default: float32 for the default target, the checkpoint's for others)"
+    if several_dtypes:
+        parser.add_argument("--dtype", choices=DTYPES, nargs="+", metavar="DTYPE",
+                            help=dtype_help[:-1] + "); several (e.g. float32 bfloat16) run the whole bench once per "
+                                 "dtype, one after the other, each against plain decoding in that dtype, then print "
+                                 "one table of them (DIR/<dtype>/ holds each one's files)")
+    else:
+        parser.add_argument("--dtype", choices=DTYPES, help=dtype_help)
     parser.add_argument("--drafter-dtype", choices=("auto",) + DTYPES, default="auto",
                         help="drafter dtype; changes speed and acceptance, never the output. auto (default): the "
                              "target's, or bfloat16 for a float32 CPU target where drafts measure clearly faster "
@@ -434,7 +464,7 @@ def _add_bench(sub: Any) -> None:
                                        "every output against plain generate, and write bench.json and bench.png "
                                        "(the PNG needs matplotlib).",
                            formatter_class=HelpFormatter)
-    _add_pair_args(bench)
+    _add_pair_args(bench, several_dtypes=True)
     bench.add_argument("--prompts", metavar="FILE_OR_NAME", type=bench_prompt_source,
                        help='JSONL prompt file (one {"prompt": ...} per line), a datasets id, or sharegpt, '
                             'chitchat or humaneval (their test split; the first human turn) (default: the shipped '

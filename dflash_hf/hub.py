@@ -28,7 +28,7 @@ BENCH_KEYS = (
     "command", "target", "drafter", "device", "dtype", "max_new_tokens", "num_prompts",
     "transformers_version", "torch_version", "lossless", "methods",
 )
-METHOD_ORDER = ("plain", "dflash", "prompt_lookup", "transformers_dflash")
+METHOD_ORDER = ("plain", "dflash", "dflash_lookup", "prompt_lookup", "transformers_dflash")
 
 
 class HubPublishError(RuntimeError):

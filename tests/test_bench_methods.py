@@ -14,7 +14,9 @@ from dflash_hf.bench import (
     METHOD_LABELS,
     MethodRun,
     aggregate_runs,
+    format_dtype_comparison,
     run_dflash,
+    run_dflash_lookup,
     run_plain,
     run_prompt_lookup,
     run_transformers_dflash,
@@ -148,3 +150,31 @@ def test_the_table_the_plot_and_the_card_name_the_methods_alike():
     card = hub._bench_view({**dict.fromkeys(hub.BENCH_KEYS), **results, "command": "dflash-hf bench"})
     assert all(label in table for label in METHOD_LABELS.values())
     assert sorted(row["label"] for row in card["rows"]) == sorted(METHOD_LABELS.values())
+
+
+def test_dflash_with_prompt_lookup_is_lossless_and_counts_its_lookups(pair, prompt_and_plain):
+    target, drafter = pair
+    ids, expected = prompt_and_plain
+    run = run_dflash_lookup(target, drafter, ids, **GREEDY)
+    assert torch.equal(run.output, expected) and run.verify_steps == len(drafter.last_stats.acceptance_lengths)
+    assert drafter.last_stats.lookup_proposals > 0  # the prompt repeats itself: lookups were verified
+
+
+def _bench_results(dtype: str, plain_rate: float, dflash: float, mismatched: list[int], control: list[int] | None):
+    results = {"dtype": dtype, "num_prompts": 4, "mismatched_prompts": {"dflash": mismatched},
+               "methods": {"plain": {"tokens_per_s": plain_rate, "speedup": 1.0, "mean_acceptance_length": None},
+                           "dflash": {"tokens_per_s": plain_rate * dflash, "speedup": dflash,
+                                      "mean_acceptance_length": 1.5}}}
+    if control is not None:
+        results["plain_batch_of_two_mismatched_prompts"] = control
+    return results
+
+
+def test_the_dtype_comparison_has_a_row_per_dtype_with_its_mismatches_and_control():
+    table = format_dtype_comparison({"float32": _bench_results("float32", 24.0, 1.08, [], []),
+                                     "bfloat16": _bench_results("bfloat16", 22.0, 1.17, [0, 2], [1])}).splitlines()
+    assert table[0] == ("| dtype | plain tok/s | DFlash (dflash-hf loop) | accept len | identical to plain | "
+                        "plain batch of 2 identical |")
+    assert table[2] == "| float32 | 24.00 | 1.08x | 1.50 | dflash 4/4 | 4/4 |"
+    assert table[3] == "| bfloat16 | 22.00 | 1.17x | 1.50 | dflash 2/4 | 3/4 |"
+    assert format_dtype_comparison({"float16": _bench_results("float16", 1.0, 1.0, [], None)}).endswith("| - |")

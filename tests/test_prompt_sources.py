@@ -408,6 +408,26 @@ def test_plain_bench_json_records_the_machine_too(tiny_pair_dirs, tmp_path):
     assert results["cpu_info"]["cpu_family"] == parse_cpuinfo(Path("/proc/cpuinfo").read_text())["cpu_family"]
 
 
+def test_bench_with_two_dtypes_runs_each_and_prints_them_side_by_side(tiny_pair_dirs, tmp_path, capsys):
+    target_dir, drafter_dir = tiny_pair_dirs
+    argv = ["bench", "--target", str(target_dir), "--drafter", str(drafter_dir), "--num-prompts", "2",
+            "--max-new-tokens", "6", "--out", str(tmp_path), "--dtype", "float32", "bfloat16",
+            "--drafter-dtype", "float32", "--num-speculative-tokens", "3"]
+    code = cli.main(argv)
+    out = capsys.readouterr().out
+    by_dtype = {dtype: json.loads((tmp_path / dtype / "bench.json").read_text()) for dtype in ("float32", "bfloat16")}
+    assert by_dtype["float32"]["lossless"] and by_dtype["float32"]["plain_batch_of_two_mismatched_prompts"] == []
+    assert code == (0 if by_dtype["bfloat16"]["lossless"] else 1)  # a bfloat16 near-tie may flip a token
+    for dtype, results in by_dtype.items():
+        assert results["dtype"] == dtype
+        assert set(results["methods"]) >= {"plain", "dflash", "dflash_lookup", "prompt_lookup"}
+        assert isinstance(results["plain_batch_of_two_mismatched_prompts"], list)  # the control ran
+        assert f"| {dtype} |" in out
+    table = (tmp_path / "dtypes.md").read_text()
+    assert table.splitlines()[0].startswith("| dtype | plain tok/s | DFlash (dflash-hf loop) |")
+    assert "dflash 2/2" in table.splitlines()[2]  # the float32 row
+
+
 def test_suite_refuses_options_it_does_not_use(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--suite", "humaneval", "--batch-size", "2"])
