@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .data import chat_prompt_ids, read_jsonl
-from .fileio import atomic_write_text, make_shareable
+from .fileio import atomic_write_text, can_plot, make_shareable, save_figure
 from .traffic import ADAPT_SUMMARY, build_adapt_data, iter_heldout_requests
 from .training import (
     RECIPE_FILE,
@@ -118,7 +118,7 @@ class AdaptSpec:
             raise ValueError(f"distill must be in [0, 1], got {self.distill!r}.")
         if self.tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance!r}.")
-        from .suites import SUITES
+        from .prompt_sources import SUITES
 
         unknown = [name for name in self.eval_suites if name not in SUITES]
         if unknown:
@@ -320,7 +320,7 @@ def _evaluate(spec: AdaptSpec, target: Any, tokenizer: Any, base: Any, adapted: 
     traffic["greedy_as_recorded"] = sum(runs["adapted"].outputs[i] == recorded[i] for i in greedy)
     general = {}
     for name in spec.eval_suites:
-        from .suites import suite_prompts
+        from .prompt_sources import suite_prompts
 
         requests = [(chat_prompt_ids(tokenizer, p), {"max_new_tokens": spec.max_new_tokens, "do_sample": False})
                     for p in suite_prompts(name, spec.eval_prompts)]
@@ -402,8 +402,6 @@ def format_report(report: dict) -> str:
 
 
 def _plot_report(report: dict, path: Path) -> None:
-    from .bench import _save_figure, can_plot
-
     if not can_plot():
         return
     import matplotlib.pyplot as plt
@@ -420,7 +418,7 @@ def _plot_report(report: dict, path: Path) -> None:
     ax.set_xticks(list(xs), list(rows))
     ax.set(ylabel="mean acceptance length (online)", title="Acceptance before and after adapting to traffic")
     ax.legend(loc="upper center", ncol=2, fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _as_command(spec: AdaptSpec) -> str:

@@ -8,7 +8,6 @@ prompt-lookup) output is compared with plain greedy: a mismatch is reported, nev
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import platform
 import sys
@@ -16,15 +15,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import chat_prompt_ids, load_prompts
-from .fileio import atomic_file, atomic_write_text
+from .data import chat_prompt_ids
+from .fileio import atomic_write_text, can_plot, save_figure
+from .prompt_sources import default_prompt_file, load_prompt_file  # re-exported: bench's names
 from .pair_dflash import max_drafts_per_step
 from .matmul_dflash import few_row_products, routed_linears
 from .modeling_dflash import DraftCache
@@ -105,11 +104,6 @@ class _ForwardCounter:
 
     def _count(self, *args: Any) -> None:
         self.count += 1
-
-
-def default_prompt_file() -> Path:
-    """24 hand-written prompts, never used in training (training prompts are written by the target itself)."""
-    return Path(str(files("dflash_hf") / "assets" / "bench_prompts.jsonl"))
 
 
 def _timed_generate(target: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, float]:
@@ -489,26 +483,10 @@ def plot_batch_results(results: dict, path: str | Path) -> None:
            ylabel="new tokens / s", title=f"Batched generate ({results['device']}, {results['dtype']})")
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig: Any, path: str | Path) -> None:
-    """Write a PNG atomically (a reader never sees half a file) and free the figure."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 PLOT_EXTRA = "pip install 'dflash-hf[bench]'"  # the extra that brings matplotlib
-
-
-def can_plot() -> bool:
-    """Whether matplotlib is installed, so that the bench can draw its PNG next to its JSON."""
-    return importlib.util.find_spec("matplotlib") is not None
 
 
 def format_table(results: dict) -> str:
@@ -582,7 +560,7 @@ def plot_results(results: dict, path: str | Path) -> None:
     right.set(title=f"Throughput ({results['device']}, {results['dtype']})", ylabel="new tokens / s")
     fig.suptitle(f"{results['target']} + {results['drafter']}", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path | None]:
@@ -596,10 +574,6 @@ def write_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path | None
         return json_path, None
     plot_results(results, png_path)
     return json_path, png_path
-
-
-def load_prompt_file(path: str | Path | None, limit: int | None = None) -> list[str]:
-    return load_prompts(str(path or default_prompt_file()), limit=limit)
 
 
 __all__ = [

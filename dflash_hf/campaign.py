@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .data import ThroughputMeter, generate_responses, write_shards
-from .fileio import atomic_file, atomic_write_text
+from .fileio import atomic_file, atomic_write_text, can_plot, save_figure
 from .machine import cpu_facts, describe_cpu
 
 SHARD_FORMAT = "dflash-hf campaign shard 1"
@@ -202,8 +202,6 @@ def append_ledger_row(campaign_dir: str | os.PathLike, row: dict) -> None:
 
 def plot_ledger(rows: list[dict], path: str | os.PathLike) -> Path | None:
     """Validation acceptance against cumulative training tokens and wall minutes, one line per recipe."""
-    from .bench import _save_figure, can_plot
-
     if not rows or not can_plot():
         return None
     import matplotlib
@@ -228,7 +226,7 @@ def plot_ledger(rows: list[dict], path: str | os.PathLike) -> Path | None:
     axes[0].legend(fontsize=8)
     fig.suptitle("dflash-hf drafter campaign (campaign/ledger.jsonl)")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)
 

@@ -1,5 +1,6 @@
 """Atomic writes whose files and folders get the permissions a plain write would give them, private writes for
-files that hold users' prompts, and JSON-lines reading whose errors name the file and the line.
+files that hold users' prompts, figures saved the same way, and JSON-lines reading whose errors name the file and
+the line.
 
 ``tempfile.mkstemp`` creates files with mode 0600 and ``mkdtemp`` folders with 0700, and safetensors (0.8 and
 later) writes its files 0600 too. Renamed into place as they are, a bench JSON, an exported drafter or the
@@ -13,6 +14,7 @@ Standard library only, so that ``dflash-hf --help`` does not pay for torch.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -109,6 +111,22 @@ def staging_dir(parent: str | os.PathLike, prefix: str, mode: int | None = None)
     return folder
 
 
+def can_plot() -> bool:
+    """Whether matplotlib is installed, so that a PNG can be drawn next to a JSON (the bench, the ledgers)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Reading JSON lines
 # ------------------------------------------------------------------------------------------------------------------
@@ -172,6 +190,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "atomic_file",
     "atomic_write_text",
+    "can_plot",
     "current_umask",
     "default_dir_mode",
     "default_file_mode",
@@ -180,5 +199,6 @@ __all__ = [
     "line_location",
     "make_shareable",
     "others_can_enter",
+    "save_figure",
     "staging_dir",
 ]

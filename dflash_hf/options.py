@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-SUITE_NAMES = ("bench-prompts", "sharegpt-test", "humaneval")  # suites.SUITES (a test checks that they agree)
+SUITE_NAMES = ("bench-prompts", "sharegpt-test", "humaneval")  # prompt_sources.SUITES (a test checks they agree)
 TRAINING_SOURCE_NAMES = ("sharegpt", "chitchat")  # prompt_sources.TRAINING_SOURCES
 # pair_dflash.MAX_BLOCK_SIZE, repeated so that parsing needs no torch (a test checks that they agree).
 MAX_BLOCK_SIZE = 128

@@ -10,6 +10,10 @@ Conversations are ``{"id": str, "turns": [user message, ...]}``: only the human 
 writes every answer itself. Each conversation falls in ``train``, ``validation`` or ``test`` by a hash of its id
 (``split_of``), the same on every run and machine.
 
+The bench's prompts are chosen here too: ``default_prompt_file`` (the 24 shipped held-out prompts),
+``bench_prompts`` (what ``dflash-hf bench --prompts`` names) and the named ``SUITES`` (``suite_prompts``), which
+``dflash-hf adapt`` also evaluates on.
+
 Standard library only: the CLI's argument checks import this module before any model loads.
 """
 
@@ -26,6 +30,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -405,8 +410,49 @@ def bench_sample(name: str, size: int | None = BENCH_SAMPLE_SIZE, seed: int = BE
     return [c["turns"][0] for c in test[:size]]
 
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# The bench's prompts and suites (``dflash-hf bench --prompts``, ``--suite``; ``dflash-hf adapt --eval-suites``)
+# ------------------------------------------------------------------------------------------------------------------
+SUITES = ("bench-prompts", "sharegpt-test", "humaneval")
+
+
+def default_prompt_file() -> Path:
+    """24 hand-written prompts, never used in training (training prompts are written by the target itself)."""
+    return Path(str(files("dflash_hf") / "assets" / "bench_prompts.jsonl"))
+
+
+def load_prompt_file(path: str | os.PathLike | None, limit: int | None = None) -> list[str]:
+    """The prompts of a JSONL file or datasets id (``data.load_prompts``), ``default_prompt_file()`` when None."""
+    from .data import load_prompts
+
+    return load_prompts(str(path or default_prompt_file()), limit=limit)
+
+
+def bench_prompts(source: str | None, limit: int | None = None) -> list[str]:
+    """What ``dflash-hf bench --prompts`` names: a JSONL file or datasets id, or a named source, whose TEST split
+    is used (``sharegpt``, ``chitchat``: a seeded order of its test conversations' first turns; ``humaneval``)."""
+    if source is not None and is_named_source(source):
+        prompts = bench_sample(source.lower(), size=None)
+        return prompts[:limit] if limit is not None else prompts
+    return load_prompt_file(source, limit=limit)
+
+
+def suite_prompts(name: str, limit: int | None = None) -> list[str]:
+    """The prompts of one suite (the first ``limit``)."""
+    if name == "bench-prompts":
+        return bench_prompts(None, limit)
+    if name == "sharegpt-test":
+        prompts = bench_sample("sharegpt")
+    elif name == "humaneval":
+        prompts = bench_sample("humaneval")
+    else:
+        raise ValueError(f"unknown suite {name!r}; the suites are {', '.join(SUITES)}")
+    return prompts[:limit] if limit is not None else prompts
+
 __all__ = [
     "BENCHMARK_ONLY", "LoadedSource", "NAMED_SOURCES", "ParseReport", "SPLITS", "TRAINING_SOURCES",
     "conversation_key", "is_named_source", "iter_json_array", "load_chitchat", "load_humaneval", "load_named",
     "load_sharegpt", "refuses_training", "sharegpt_user_turns", "split_of", "bench_sample", "training_conversations",
+    "SUITES", "bench_prompts", "default_prompt_file", "load_prompt_file", "suite_prompts",
 ]

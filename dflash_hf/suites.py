@@ -7,7 +7,9 @@ Suites:
 - ``humaneval``: the 164 HumanEval problems, each inside a fixed instruction (a benchmark only).
 
 Each suite runs plain greedy ``generate`` and DFlash side by side (``bench.run_bench``); the table gives per suite
-the prompts, mean acceptance length, speedup and how many prompts DFlash reproduced exactly.
+the prompts, mean acceptance length, speedup and how many prompts DFlash reproduced exactly. The suites and their
+prompts (``SUITES``, ``suite_prompts``, ``bench_prompts``) live in ``prompt_sources``, below the tools, since
+``dflash-hf adapt`` evaluates on them too; they are importable from here as before.
 """
 
 from __future__ import annotations
@@ -16,40 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, can_plot, save_figure
+from .prompt_sources import SUITES, bench_prompts, suite_prompts
 
-SUITES = ("bench-prompts", "sharegpt-test", "humaneval")
 SUITE_METHODS = ("plain", "dflash")
 SUITES_JSON = "bench_suites.json"
 SUITES_PNG = "bench_suites.png"
-
-
-def bench_prompts(source: str | None, limit: int | None = None) -> list[str]:
-    """What ``dflash-hf bench --prompts`` names: a JSONL file or datasets id, or a named source, whose TEST split
-    is used (``sharegpt``, ``chitchat``: a seeded order of its test conversations' first turns; ``humaneval``)."""
-    from .prompt_sources import bench_sample, is_named_source
-
-    if source is not None and is_named_source(source):
-        prompts = bench_sample(source.lower(), size=None)
-        return prompts[:limit] if limit is not None else prompts
-    from .bench import load_prompt_file
-
-    return load_prompt_file(source, limit=limit)
-
-
-def suite_prompts(name: str, limit: int | None = None) -> list[str]:
-    """The prompts of one suite (the first ``limit``)."""
-    from .prompt_sources import bench_sample
-
-    if name == "bench-prompts":
-        return bench_prompts(None, limit)
-    if name == "sharegpt-test":
-        prompts = bench_sample("sharegpt")
-    elif name == "humaneval":
-        prompts = bench_sample("humaneval")
-    else:
-        raise ValueError(f"unknown suite {name!r}; the suites are {', '.join(SUITES)}")
-    return prompts[:limit] if limit is not None else prompts
 
 
 def suite_row(name: str, results: dict) -> dict:
@@ -112,8 +86,6 @@ def plot_suites(results: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import _save_figure
-
     names = [row["suite"] for row in results["suites"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     left.bar(names, [row["mean_acceptance_length"] or 0 for row in results["suites"]], color="#4c72b0")
@@ -126,13 +98,11 @@ def plot_suites(results: dict, path: str | Path) -> None:
     right.set(title="speedup over plain generate", ylabel="x")
     fig.suptitle(f"{results['target']} + {results['drafter']} on {results['cpu_info']['cpu_model']}", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def write_suite_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path | None]:
     """``bench_suites.json`` and, with matplotlib, ``bench_suites.png``; the PNG's path is None when skipped."""
-    from .bench import can_plot
-
     out_dir = Path(out_dir)
     json_path = out_dir / SUITES_JSON
     atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")

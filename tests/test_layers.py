@@ -1,6 +1,6 @@
 """The package's layers, read from the imports of its modules (every import, also those inside functions):
-the portable core imports only itself, nothing imports the command line, and the shared utilities import nothing
-of ours."""
+the portable core imports only itself, nothing imports the command line, the training layer imports no tool, and
+the shared utilities import nothing of ours."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dflash_hf"
 CORE = {name.removesuffix(".py") for name in PORTABLE_FILES}
 UTILITIES = {"fileio", "machine"}  # used by every layer above the core
 TRAINING = {"data", "prompt_sources", "training", "pipeline", "traffic", "adapt", "vllm_server", "campaign",
-            "loading", "options"}
-TOOLS = {"cli", "bench", "suites", "hub", "default_pair", "calibration", "draft_precision", "__init__"}
+            "loading", "options",
+            "default_pair"}  # loads the offline default pair (no command logic): loading and campaign load through it
+TOOLS = {"cli", "bench", "suites", "hub", "calibration", "draft_precision", "__init__"}
 
 
 def own_imports(module: str) -> set[str]:
@@ -50,6 +51,12 @@ def test_the_core_imports_only_itself(module):
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "cli"])
 def test_nothing_imports_the_command_line(module):
     assert "cli" not in own_imports(module), f"{module} imports cli: move what it needs below the command line"
+
+
+@pytest.mark.parametrize("module", sorted(TRAINING))
+def test_training_imports_no_tool(module):
+    tools = own_imports(module) & TOOLS
+    assert tools == set(), f"{module} imports {tools}: move what it needs down into the training layer or below"
 
 
 @pytest.mark.parametrize("module", sorted(UTILITIES))
