@@ -9,11 +9,13 @@ machine. So the state a campaign needs to go on is kept small and committed, in 
 - ``ledger.jsonl``: one row per session of training (data seen, steps, wall minutes, the CPU, the recipe, online
   validation acceptance of the drafter it started from and of the one it made, side by side), drawn in
   ``ledger.png``.
-- the best drafter so far is the shipped one: a session replaces it only when its validation acceptance, measured
-  online in the same run as the shipped one's, is higher.
+- ``drafter/``: the best drafter so far (config and bfloat16 weights), where each session starts; before any
+  session beat it, the shipped one. A session replaces it only when its validation acceptance, measured online in
+  the same run as the drafter it started from, is higher. The shipped drafter's weights change only on
+  ``--export``, since its model card's numbers must then be measured again.
 
 ``run_campaign`` is one session: regenerate the next slice (if asked), extract what training needs, train within
-the time budget (checkpoints atomic, so a kill loses minutes), evaluate, write the ledger row, export if better.
+the time budget (checkpoints atomic, so a kill loses minutes), evaluate, write the ledger row, keep the drafter if better.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ class CampaignSpec:
     validation_prompts: int = 16
     validation_max_new_tokens: int = 128
     eval_reserve_s: float = 900.0  # kept for validation and export at the end
-    export: bool = True
+    export: bool = False  # also replace the shipped weights (their card must then be re-measured)
     seed: int = 0
 
 
@@ -303,7 +305,7 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     campaign, work = Path(spec.campaign_dir), Path(spec.work_dir)
     data_dir = campaign / "data"
     target, tokenizer = load_default_target(torch.float32)
-    best_dir = Path(spec.drafter) if spec.drafter else default_drafter_dir()
+    best_dir = Path(spec.drafter) if spec.drafter else campaign_best_dir(campaign) or default_drafter_dir()
     native_bf16 = has_native_bfloat16()
     log(f"machine: {describe_cpu()}; native bfloat16: {'yes' if native_bf16 else 'no'}")
 
@@ -402,14 +404,17 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     row["cumulative"]["wall_minutes"] = round(before["wall_minutes"] + row["session"]["wall_minutes"], 1)
     row["better"] = better
     if better:
-        candidate = work / "better-drafter"
-        trained.save_pretrained(candidate)
-        row["candidate"] = str(candidate)
+        save_campaign_drafter(trained, campaign / BEST_DRAFTER)
+        row["candidate"] = BEST_DRAFTER
+        log(f"best drafter: the trained one is better; saved to {campaign / BEST_DRAFTER} (bfloat16), where the next "
+            "session starts from")
         if spec.export:
-            _replace_weights(candidate, best_dir)
-            row["exported"] = str(best_dir)
-            log(f"export: the trained drafter is better; its weights replace {best_dir}'s. Re-measure what its "
-                "model card and the README say (dflash-hf bench, dflash-hf export) before committing them.")
+            candidate = work / "better-drafter"
+            trained.save_pretrained(candidate)
+            _replace_weights(candidate, best_dir if not spec.drafter else Path(spec.drafter))
+            row["exported"] = _repo_relative(default_drafter_dir())
+            log(f"export: its weights replace {default_drafter_dir()}'s. Re-measure what its model card and the "
+                "README say (dflash-hf bench, dflash-hf export) before committing them.")
     append_ledger_row(campaign, row)
     log(f"ledger: {campaign / LEDGER} (+1 row), {campaign / LEDGER_PNG}")
     return row
@@ -421,6 +426,31 @@ def _repo_relative(path: Path) -> str:
     return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
 
 
+BEST_DRAFTER = "drafter"  # campaign/drafter: the best drafter the campaign has trained, committed in bfloat16
+
+
+def campaign_best_dir(campaign_dir: str | os.PathLike) -> Path | None:
+    """The campaign's best drafter so far (``campaign/drafter``), or None before one beat the shipped drafter."""
+    folder = Path(campaign_dir) / BEST_DRAFTER
+    return folder if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file() else None
+
+
+def save_campaign_drafter(drafter: Any, folder: str | os.PathLike) -> Path:
+    """Save ``drafter``'s config and weights to ``folder``, the weights in bfloat16 (half the repository growth; a
+    float32 load upcasts them), each file atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+             for k, v in drafter.state_dict().items()}
+    with atomic_file(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_file(folder / "config.json") as tmp:
+        Path(tmp).write_text(drafter.config.to_json_string())
+    return folder
+
+
 def _replace_weights(trained_dir: Path, best_dir: Path) -> None:
     """Put the trained weights (same shape and config as the best drafter's) in place of the best drafter's,
     atomically; its config, code and card stay."""
@@ -429,7 +459,7 @@ def _replace_weights(trained_dir: Path, best_dir: Path) -> None:
 
 
 __all__ = [
-    "CampaignSpec", "append_ledger_row", "campaign_shards", "committed_ids", "data_summary", "forward_tokens_per_s",
-    "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice", "run_campaign",
+    "BEST_DRAFTER", "CampaignSpec", "append_ledger_row", "campaign_best_dir", "campaign_shards", "committed_ids", "data_summary", "forward_tokens_per_s",
+    "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice", "run_campaign", "save_campaign_drafter",
     "validation_acceptance", "write_campaign_shard",
 ]

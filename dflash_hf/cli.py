@@ -615,14 +615,18 @@ def _add_campaign(sub: Any) -> None:
     campaign.add_argument("--work-dir", metavar="DIR", default="runs/campaign",
                           help="features and checkpoints (rebuilt from campaign/ on a new machine)")
     campaign.add_argument("--drafter", metavar="DIR", default=None,
-                          help="the best drafter so far (default: the shipped one)")
+                          help="the best drafter so far (default: campaign/drafter once a session has beaten the "
+                               "shipped one, else the shipped one)")
     campaign.add_argument("--validation-prompts", metavar="N", type=int_in_range(1), default=16,
                           help="ShareGPT validation prompts the online acceptance is measured on")
     campaign.add_argument("--num-anchors", metavar="N", type=int_in_range(1), default=64,
                           help="blocks supervised per training sequence")
     campaign.add_argument("--lr", metavar="LR", type=float_above(0.0), default=2e-4, help="peak learning rate")
     campaign.add_argument("--recipe", metavar="NAME", default="warm-start", help="the ledger's name for this recipe")
-    campaign.add_argument("--no-export", action="store_true", help="never replace the shipped weights")
+    campaign.add_argument("--export", action="store_true",
+                          help="also replace the shipped drafter's weights when the trained one is better (its model "
+                               "card's numbers must then be re-measured); without it, the better drafter is kept in "
+                               "campaign/drafter, where the next session starts")
     campaign.set_defaults(func=cmd_campaign)
 
 
@@ -633,7 +637,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     spec = CampaignSpec(**given, campaign_dir=args.campaign_dir, work_dir=args.work_dir, drafter=args.drafter,
                         time_budget_s=args.time_budget, regenerate=args.regenerate, source=args.source,
                         validation_prompts=args.validation_prompts, num_anchors=args.num_anchors, lr=args.lr,
-                        recipe=args.recipe, export=not args.no_export)
+                        recipe=args.recipe, export=args.export)
     with _reported():
         run_campaign(spec)
     return 0

@@ -147,3 +147,21 @@ def test_campaign_state_stays_out_of_the_wheel():
     config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert not any(name.startswith("campaign") for name in config["tool"]["setuptools"]["packages"])
     assert json.dumps(config["tool"]["setuptools"]["package-dir"]).count("campaign") == 0
+
+
+def test_the_best_drafter_is_kept_in_bfloat16_and_is_where_the_next_session_starts(tmp_path):
+    from conftest import make_drafter, make_target
+
+    from dflash_hf.campaign import BEST_DRAFTER, campaign_best_dir, save_campaign_drafter
+    from dflash_hf.modeling_dflash import DFlashDraftModel
+
+    assert campaign_best_dir(tmp_path) is None  # no session has beaten the shipped drafter yet
+    drafter = make_drafter(make_target("qwen3", dtype=torch.float32))
+    folder = save_campaign_drafter(drafter, tmp_path / BEST_DRAFTER)
+    assert campaign_best_dir(tmp_path) == folder
+    loaded = DFlashDraftModel.from_pretrained(folder, dtype=torch.float32)
+    for name, value in drafter.state_dict().items():
+        stored = loaded.state_dict()[name]
+        assert stored.dtype == torch.float32
+        assert torch.equal(stored, value.to(torch.bfloat16).float())  # bfloat16 on disk, upcast exactly on load
+    assert not list(folder.glob("*.tmp*"))
