@@ -15,7 +15,8 @@ machine. So the state a campaign needs to go on is kept small and committed, in 
   ``--export``, since its model card's numbers must then be measured again.
 
 ``run_campaign`` is one session: regenerate the next slice (if asked), extract what training needs, train within
-the time budget (checkpoints atomic, so a kill loses minutes), evaluate, write the ledger row, keep the drafter if better.
+the time budget (checkpoints atomic, so a kill loses minutes), evaluate, write the ledger row, keep the drafter
+if better.
 """
 
 from __future__ import annotations
@@ -459,7 +460,7 @@ def _replace_weights(trained_dir: Path, best_dir: Path) -> None:
 
 
 __all__ = [
-    "BEST_DRAFTER", "CampaignSpec", "append_ledger_row", "campaign_best_dir", "campaign_shards", "committed_ids", "data_summary", "forward_tokens_per_s",
-    "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice", "run_campaign", "save_campaign_drafter",
-    "validation_acceptance", "write_campaign_shard",
+    "BEST_DRAFTER", "CampaignSpec", "append_ledger_row", "campaign_best_dir", "campaign_shards", "committed_ids",
+    "data_summary", "forward_tokens_per_s", "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice",
+    "run_campaign", "save_campaign_drafter", "validation_acceptance", "write_campaign_shard",
 ]

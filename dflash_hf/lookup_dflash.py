@@ -19,12 +19,46 @@ This module is part of the portable core: it imports only torch and its siblings
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .schedule_dflash import AcceptanceProfile, DraftSchedule, VerifyCosts
 
 DEFAULT_MAX_NGRAM = 3  # the longest suffix matched (transformers' prompt lookup defaults to 2)
+
+
+def check_prompt_lookup(num_tokens: Any, max_ngram: Any, tokens_name: str, ngram_name: str) -> None:
+    """Prompt-lookup settings: a positive number of tokens (or None: off) and a positive n-gram size."""
+    if num_tokens is not None and not (isinstance(num_tokens, int) and not isinstance(num_tokens, bool)
+                                       and num_tokens >= 1):
+        raise ValueError(f"{tokens_name} must be a positive int (tokens a lookup may propose per step) or None "
+                         f"(no lookup), got {num_tokens!r}.")
+    if not (isinstance(max_ngram, int) and not isinstance(max_ngram, bool) and max_ngram >= 1):
+        raise ValueError(f"{ngram_name} must be a positive int (the longest suffix matched), got {max_ngram!r}.")
+
+
+def lookup_for_call(drafter: torch.nn.Module, options: Any, generation_config: Any,
+                    schedule: DraftSchedule | None) -> "LookupChooser | None":
+    """Prompt lookup for one generate call: ``generate(prompt_lookup_num_tokens=…, max_matching_ngram_size=…)``
+    where given, else the drafter's ``prompt_lookup_num_tokens`` / ``prompt_lookup_max_ngram`` (``options``, a
+    ``DFlashOptions``); None when neither asks for it."""
+    num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
+    if num_tokens is None:
+        num_tokens = options.prompt_lookup_num_tokens
+    if max_ngram is None:
+        max_ngram = options.prompt_lookup_max_ngram
+    check_prompt_lookup(num_tokens, max_ngram, "prompt_lookup_num_tokens", "max_matching_ngram_size")
+    if num_tokens is None:
+        return None
+    if generation_config.do_sample:
+        raise ValueError(
+            "Prompt lookup in the DFlash loop works with greedy decoding only: a copied n-gram has no draft "
+            "distribution to sample against. Drop prompt_lookup_num_tokens (or set drafter.prompt_lookup_num_tokens "
+            "= None) for do_sample=True."
+        )
+    return LookupChooser(drafter, num_tokens, max_ngram, options.max_drafts, schedule)
 
 
 def ngram_continuation(sequence: torch.Tensor, max_ngram: int, num_tokens: int) -> tuple[torch.Tensor, int]:
@@ -53,16 +87,20 @@ class StepProposals:
     tokens: list[torch.Tensor]
     ngram: list[int]
 
-    def lookup_drafts(self, width: int, filler: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafts [R, width] of the rows that take their lookup (``filler`` [R, ≥width] elsewhere) and how many of
-        them each row verifies [R] (0 where the row takes no lookup)."""
-        drafts = filler[:, :width].clone()
-        counts = torch.zeros(len(self.lookup), dtype=torch.long)
+    def merged(self, drafts: torch.Tensor, num_drafts: torch.Tensor,
+               next_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's drafts [R, n] and counts [R] once the rows that take their lookup have it in place of the
+        drafter's ``drafts`` [R, m] (the other rows keep theirs and ``num_drafts``; slots a row does not verify hold
+        its pending token ``next_token`` [R])."""
+        width = max([drafts.shape[1]] + [t.numel() for t, use in zip(self.tokens, self.lookup) if use])
+        merged = next_token[:, None].expand(-1, width).clone()  # [R, width]
+        merged[:, : drafts.shape[1]] = drafts
+        counts = num_drafts.clone()
         for i, (use, tokens) in enumerate(zip(self.lookup, self.tokens)):
-            if use and tokens.numel():
-                drafts[i, : tokens.numel()] = tokens.to(drafts.device)
+            if use:
+                merged[i, : tokens.numel()] = tokens.to(merged.device)
                 counts[i] = tokens.numel()
-        return drafts, counts.to(drafts.device)
+        return merged, counts
 
 
 class LookupChooser:
@@ -138,4 +176,5 @@ class LookupChooser:
                 self.drafter_profile.observe(a, drafter_drafts[i])
 
 
-__all__ = ["DEFAULT_MAX_NGRAM", "LookupChooser", "StepProposals", "ngram_continuation"]
+__all__ = ["DEFAULT_MAX_NGRAM", "LookupChooser", "StepProposals", "check_prompt_lookup", "lookup_for_call",
+           "ngram_continuation"]

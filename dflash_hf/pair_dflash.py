@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lookup_dflash import DEFAULT_MAX_NGRAM
+from .lookup_dflash import DEFAULT_MAX_NGRAM, check_prompt_lookup
 from .schedule_dflash import AcceptanceProfile, DraftSchedule, VerifyCosts
 from .transformers_compat import layer_output_hidden
 from .verify_dflash import SAMPLING_MODES
@@ -199,16 +199,6 @@ class DFlashOptions:
             raise ValueError("drafter.prompt_lookup_num_tokens needs generation_loop = 'dflash': transformers' "
                              "assisted loop takes one kind of proposal per call. Set it to None for that loop.")
         return cls(loop, mode, max_drafts_per_step(drafter), few_rows, by_cost, lookup, ngram)
-
-
-def check_prompt_lookup(num_tokens: Any, max_ngram: Any, tokens_name: str, ngram_name: str) -> None:
-    """Prompt-lookup settings: a positive number of tokens (or None: off) and a positive n-gram size."""
-    if num_tokens is not None and not (isinstance(num_tokens, int) and not isinstance(num_tokens, bool)
-                                       and num_tokens >= 1):
-        raise ValueError(f"{tokens_name} must be a positive int (tokens a lookup may propose per step) or None "
-                         f"(no lookup), got {num_tokens!r}.")
-    if not (isinstance(max_ngram, int) and not isinstance(max_ngram, bool) and max_ngram >= 1):
-        raise ValueError(f"{ngram_name} must be a positive int (the longest suffix matched), got {max_ngram!r}.")
 
 
 # ------------------------------------------------------------------------------------------------------------------

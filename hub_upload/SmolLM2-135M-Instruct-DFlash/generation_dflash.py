@@ -10,11 +10,10 @@ One verify step, with ``start`` = tokens the target has processed (its cache len
    accepted drafts plus one target token are committed and the target cache is cropped to the committed length.
    The taps of the committed positions are the next step's new context: no extra target pass.
 
-The pieces live in their own modules: ``verify_dflash`` (logits processors and the acceptance rule),
-``cache_dflash`` (the draft cache and target-cache surgery), ``matmul_dflash`` (the CPU few-row routine) and
-``patch_dflash`` (how ``generate`` dispatches here), ``pair_dflash`` (the pair checks, the per-call options and the
-taps) and ``draft_dflash`` (the drafting session). This module holds the loop; it also re-exports the names of the
-last two, which were defined here before.
+Elsewhere: ``verify_dflash`` (acceptance), ``cache_dflash`` (draft cache, target-cache surgery), ``matmul_dflash``
+(CPU few-row products), ``patch_dflash`` (dispatch), ``pair_dflash`` (pair checks, options, taps), ``draft_dflash``
+(drafting), ``schedule_dflash`` (drafts per step), ``lookup_dflash`` (prompt lookup). This module holds the loop and
+re-exports the names of ``pair_dflash`` and ``draft_dflash``, which were defined here before.
 """
 
 from __future__ import annotations
@@ -42,12 +41,11 @@ from .cache_dflash import (
     uncroppable_cache_problem,
 )
 from .draft_dflash import DraftSession, draft_block
-from .lookup_dflash import LookupChooser
+from .lookup_dflash import lookup_for_call
 from .matmul_dflash import few_row_products, routed_linears
 from .pair_dflash import (
     DFlashOptions,
     TapRecorder,
-    check_prompt_lookup,
     draft_schedule,
     target_decoder_layers,
     target_text_config,
@@ -58,7 +56,6 @@ from .transformers_compat import cache_from_model_kwargs, forward_cache_kwarg, m
 from .verify_dflash import BatchProcessorView, BlockVerifier
 
 logger = logging.get_logger(__name__)
-
 
 
 @dataclass
@@ -92,8 +89,7 @@ class DFlashStats:
     # Drafts each step verified (0: a plain step, which commits one token): the fixed number, or what
     # num_speculative_tokens = "auto" chose; fewer near max_length.
     drafts_per_step: list[int] = field(default_factory=list)
-    # Prompt lookup (``prompt_lookup_num_tokens``): row-steps that verified an n-gram continuation instead of the
-    # drafter's block, and steps that verified drafts without running the drafter.
+    # Prompt lookup: row-steps that verified an n-gram instead of the drafter's block; steps with no drafter forward.
     lookup_proposals: int = 0
     drafter_forwards_skipped: int = 0
 
@@ -298,7 +294,7 @@ def run_dflash_decoding(
     processors = BatchProcessorView(logits_processor, num_rows, pad_token)
     session = DraftSession(target, drafter, options)
     schedule = draft_schedule(drafter, options)
-    chooser = _lookup_chooser(drafter, options, generation_config, schedule)
+    chooser = lookup_for_call(drafter, options, generation_config, schedule)  # None: no prompt lookup
     stats = DFlashStats(sampling=verifier.mode, block_size=session.block_size, verify_backend=verifier.backend)
     if num_rows > 1:
         stats.rows = [DFlashStats(sampling=verifier.mode, block_size=session.block_size,
@@ -412,8 +408,8 @@ def run_dflash_decoding(
             proposals = None
             if chooser is not None:
                 starts = state.padding.tolist()  # a row's left padding is not text to look up
-                proposals = chooser.propose([state.sequences[r, starts[i] : state.lengths[r]] for i, r in
-                                             enumerate(rows)], room.tolist(), wanted)
+                texts = [state.sequences[r, starts[i] : state.lengths[r]] for i, r in enumerate(rows)]
+                proposals = chooser.propose(texts, room.tolist(), wanted)
                 if not proposals.run_drafter:
                     num_drafts = torch.zeros_like(num_drafts)
             draft_scores, unseen = None, None
@@ -431,9 +427,9 @@ def run_dflash_decoding(
                     )
                 else:
                     drafts = draft_logits.argmax(dim=-1)  # [R, n]
-            drafter_counts = num_drafts
+            drafter_counts = num_drafts  # [R] drafts of the drafter's own each row verifies
             if proposals is not None and any(proposals.lookup):
-                drafts, num_drafts = _with_lookups(proposals, drafts, num_drafts, state.next_token)
+                drafts, num_drafts = proposals.merged(drafts, num_drafts, state.next_token)
                 drafter_counts = num_drafts.masked_fill(torch.tensor(proposals.lookup, device=device), 0)
                 stats.lookup_proposals += sum(proposals.lookup)
                 stats.drafter_forwards_skipped += drafter_width == 0
@@ -538,41 +534,6 @@ def run_dflash_decoding(
         output, cache, scores=tuple(scores_out) if want_scores else None,
         logits=tuple(logits_out) if want_logits else None,
     )
-
-
-def _lookup_chooser(drafter: nn.Module, options: DFlashOptions, generation_config: Any,
-                    schedule: Any) -> LookupChooser | None:
-    """Prompt lookup for this call: ``generate(prompt_lookup_num_tokens=…, max_matching_ngram_size=…)`` where
-    given, else the drafter's ``prompt_lookup_num_tokens`` / ``prompt_lookup_max_ngram``; None when neither asks."""
-    num_tokens = getattr(generation_config, "prompt_lookup_num_tokens", None)
-    max_ngram = getattr(generation_config, "max_matching_ngram_size", None)
-    if num_tokens is None:
-        num_tokens = options.prompt_lookup_num_tokens
-    if max_ngram is None:
-        max_ngram = options.prompt_lookup_max_ngram
-    check_prompt_lookup(num_tokens, max_ngram, "prompt_lookup_num_tokens", "max_matching_ngram_size")
-    if num_tokens is None:
-        return None
-    if generation_config.do_sample:
-        raise ValueError(
-            "Prompt lookup in the DFlash loop works with greedy decoding only: a copied n-gram has no draft "
-            "distribution to sample against. Drop prompt_lookup_num_tokens (or set drafter.prompt_lookup_num_tokens "
-            "= None) for do_sample=True."
-        )
-    return LookupChooser(drafter, num_tokens, max_ngram, options.max_drafts, schedule)
-
-
-def _with_lookups(proposals: Any, drafts: torch.Tensor, num_drafts: torch.Tensor,
-                  next_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's drafts [R, n] and counts [R] once the rows that take their lookup have it in place of the
-    drafter's block (the other rows keep theirs; slots a row does not verify hold any token)."""
-    longest = max(t.numel() for t, use in zip(proposals.tokens, proposals.lookup) if use)
-    width = max(drafts.shape[1], longest)
-    filler = next_token[:, None].expand(-1, width).clone()  # [R, width]
-    filler[:, : drafts.shape[1]] = drafts
-    looked, counts = proposals.lookup_drafts(width, filler)
-    use = torch.tensor(proposals.lookup, device=drafts.device)
-    return looked, torch.where(use, counts, num_drafts)
 
 
 def report_finished_call(drafter: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
