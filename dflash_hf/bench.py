@@ -260,7 +260,8 @@ def run_bench(
     if batch_shape_control:
         results["plain_batch_of_two_mismatched_prompts"] = [
             i for i, (ids, prompt_runs) in enumerate(zip(encoded, runs))
-            if not torch.equal(target.generate(ids.repeat(2, 1), **base)[:1], prompt_runs["plain"].output)]
+            if not torch.equal(target.generate(ids.repeat(2, 1), attention_mask=torch.ones_like(ids).repeat(2, 1),
+                                               **base)[:1], prompt_runs["plain"].output)]
     return results
 
 
