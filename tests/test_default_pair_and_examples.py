@@ -207,7 +207,8 @@ def test_example_chat_stream():
 def test_example_benchmark(tmp_path):
     run_example("examples/benchmark.py", "--num-prompts", "2", "--max-new-tokens", "16", "--out", str(tmp_path))
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert results["lossless"] and set(results["methods"]) == {"plain", "dflash", "transformers_dflash", "prompt_lookup"}
+    methods = {"plain", "dflash", "dflash_lookup", "transformers_dflash", "prompt_lookup"}
+    assert results["lossless"] and set(results["methods"]) == methods
     assert results["methods"]["transformers_dflash"]["mean_acceptance_length"] >= 1
     assert (tmp_path / "bench.png").stat().st_size > 1000
 

