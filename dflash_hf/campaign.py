@@ -408,11 +408,11 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
         save_campaign_drafter(trained, campaign / BEST_DRAFTER)
         row["candidate"] = BEST_DRAFTER
         log(f"best drafter: the trained one is better; saved to {campaign / BEST_DRAFTER} (bfloat16), where the next "
-            "session starts from")
+            "session starts")
         if spec.export:
             candidate = work / "better-drafter"
             trained.save_pretrained(candidate)
-            _replace_weights(candidate, best_dir if not spec.drafter else Path(spec.drafter))
+            _replace_weights(candidate, default_drafter_dir())  # the shipped drafter, whatever it started from
             row["exported"] = _repo_relative(default_drafter_dir())
             log(f"export: its weights replace {default_drafter_dir()}'s. Re-measure what its model card and the "
                 "README say (dflash-hf bench, dflash-hf export) before committing them.")
