@@ -505,11 +505,11 @@ def run_dflash_decoding(
             elif compact_if_wasteful(cache, state.mask, session.cache):
                 state.mask = left_aligned_mask(state.mask)
             stats.verify_time_s += time.perf_counter() - t1
+            drafted = None if proposals is None else drafter_counts.tolist()  # one host read for both
             if schedule is not None:
-                schedule.observe(width, counts, t1 - t0, time.perf_counter() - t1,
-                                 drafted=None if proposals is None else drafter_counts.tolist())
+                schedule.observe(width, counts, t1 - t0, time.perf_counter() - t1, drafted=drafted)
             if proposals is not None:
-                chooser.observe(proposals, counts, drafter_counts.tolist())
+                chooser.observe(proposals, counts, drafted)
 
         stats.draft_cache_bytes = int(session.cache.nbytes())
         if num_rows > 1:
