@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 import dflash_hf
-from dflash_hf.data import chat_ids
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import cpu_facts
-from dflash_hf.prompt_sources import training_conversations
-from dflash_hf.traffic import record_traffic
+from dflash_hf.training.data import chat_ids
+from dflash_hf.training.prompt_sources import training_conversations
+from dflash_hf.training.traffic import record_traffic
 
 CODE_PATTERN = re.compile(
     r"```|\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|html|css|react|node\.?js|django|flask|"

@@ -25,11 +25,11 @@ from types import ModuleType
 
 import torch
 
-import dflash_hf.modeling_dflash  # noqa: F401  (our generate patch and import hook first; the other's nest in them)
-from dflash_hf.bench import load_prompt_file
-from dflash_hf.data import chat_prompt_ids
-from dflash_hf.default_pair import load_default_pair
+import dflash_hf.core.modeling_dflash  # noqa: F401  (our generate patch and import hook first; the other's nest in them)
 from dflash_hf.machine import describe_cpu
+from dflash_hf.tools.bench import load_prompt_file
+from dflash_hf.training.data import chat_prompt_ids
+from dflash_hf.training.default_pair import load_default_pair
 
 
 def load_other_checkout(root: Path, name: str = "dflash_other") -> ModuleType:

@@ -2,7 +2,7 @@
 
 Why it matters: on CPU a DFlash verify step runs the target over 2-8 rows, and plain decoding over 1. This prints,
 for the weight shapes of SmolLM2-135M (the default target) and 1-16 rows, the median time of ``F.linear`` and of
-``dflash_hf.matmul_dflash.linear_for_few_rows``, measured side by side in one run, and their ratio. Weights
+``dflash_hf.core.matmul_dflash.linear_for_few_rows``, measured side by side in one run, and their ratio. Weights
 are cycled through several copies so that every product streams its weight from memory, as in a real forward.
 
 The bfloat16 column is BLAS's product with the weight and the rows in bfloat16, what a bfloat16 drafter pays
@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dflash_hf.core.matmul_dflash import FEW_ROWS, FewRowPlan, FewRowRecipe, linear_for_few_rows
 from dflash_hf.machine import describe_cpu
-from dflash_hf.matmul_dflash import FEW_ROWS, FewRowPlan, FewRowRecipe, linear_for_few_rows
 
 # (out_features, in_features) of SmolLM2-135M: q/o, k/v, gate/up, down, LM head.
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]

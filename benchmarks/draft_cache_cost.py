@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-import dflash_hf.generation_dflash as loop
-from dflash_hf.bench import load_prompt_file
-from dflash_hf.cache_dflash import DraftCache
-from dflash_hf.data import chat_prompt_ids
-from dflash_hf.default_pair import load_default_pair
+import dflash_hf.core.generation_dflash as loop
+from dflash_hf.core.cache_dflash import DraftCache
 from dflash_hf.machine import describe_cpu
+from dflash_hf.tools.bench import load_prompt_file
+from dflash_hf.training.data import chat_prompt_ids
+from dflash_hf.training.default_pair import load_default_pair
 
 
 class ConcatenatingCache(DraftCache):

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dflash_hf.bench import aggregate_runs, can_plot, load_prompt_file, run_dflash, run_plain
-from dflash_hf.data import chat_prompt_ids
-from dflash_hf.default_pair import load_default_pair
-from dflash_hf.draft_precision import fastest_drafter_dtype
 from dflash_hf.fileio import atomic_file, atomic_write_text
 from dflash_hf.machine import cpu_facts, describe_cpu
+from dflash_hf.tools.bench import aggregate_runs, can_plot, load_prompt_file, run_dflash, run_plain
+from dflash_hf.tools.draft_precision import fastest_drafter_dtype
+from dflash_hf.training.data import chat_prompt_ids
+from dflash_hf.training.default_pair import load_default_pair
 
 DTYPES = (torch.float32, torch.bfloat16)
 

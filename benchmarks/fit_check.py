@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.campaign import has_native_bfloat16, validation_acceptance
-from dflash_hf.data import generate_responses, write_shards
-from dflash_hf.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import describe_cpu
-from dflash_hf.prompt_sources import training_conversations
-from dflash_hf.training import (
+from dflash_hf.training.campaign import has_native_bfloat16, validation_acceptance
+from dflash_hf.training.data import generate_responses, write_shards
+from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
+from dflash_hf.training.prompt_sources import training_conversations
+from dflash_hf.training.trainer import (
     FeatureDataset,
     TrainConfig,
     extract_features,

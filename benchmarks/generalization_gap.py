@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.default_pair import load_default_target
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import cpu_facts
-from dflash_hf.training import FeatureDataset, teacher_forced_acceptance
+from dflash_hf.training.default_pair import load_default_target
+from dflash_hf.training.trainer import FeatureDataset, teacher_forced_acceptance
 
 
 def shard_range(text: str) -> range:

@@ -463,7 +463,7 @@ class ScriptedDrafts:
 
 @contextmanager
 def scripted(script: ScriptedDrafts) -> Iterator[ScriptedDrafts]:
-    from dflash_hf.draft_dflash import DraftSession
+    from dflash_hf.core.draft_dflash import DraftSession
 
     original = DraftSession.propose
     DraftSession.propose = lambda session, *a: script.propose(original, session, *a)

@@ -33,17 +33,17 @@ from pathlib import Path
 import torch
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.bench import can_plot
-from dflash_hf.data import chat_prompt_ids, load_records, response_spans
-from dflash_hf.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.fileio import atomic_write_text
 from dflash_hf.machine import cpu_facts
-from dflash_hf.pipeline import target_eos_ids
-from dflash_hf.prompt_sources import bench_sample
-from dflash_hf.training import (
+from dflash_hf.tools.bench import can_plot
+from dflash_hf.training.data import chat_prompt_ids, load_records, response_spans
+from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
+from dflash_hf.training.pipeline import target_eos_ids
+from dflash_hf.training.prompt_sources import bench_sample
+from dflash_hf.training.trainer import (
+    TEACHER_TOPK,
     FeatureDataset,
     TrainConfig,
-    TEACHER_TOPK,
     draft_vocabulary,
     extract_features,
     train_drafter,

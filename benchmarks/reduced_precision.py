@@ -67,8 +67,8 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
 # Models and prompts
 # ----------------------------------------------------------------------------------------------------------------
 def load_default(dtype: torch.dtype, num_prompts: int):
-    from dflash_hf.bench import load_prompt_file
-    from dflash_hf.data import chat_prompt_ids
+    from dflash_hf.tools.bench import load_prompt_file
+    from dflash_hf.training.data import chat_prompt_ids
 
     target, tokenizer, drafter = dflash_hf.load_default_pair(dtype=dtype)
     prompts = [chat_prompt_ids(tokenizer, p) for p in load_prompt_file(None, limit=num_prompts)]
@@ -239,7 +239,7 @@ def measure(model: str, dtype_name: str, args, float32_plain: dict | None) -> di
         "dtype": dtype_name,
         "num_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "drafts_per_step": dflash_hf.pair_dflash.max_drafts_per_step(drafter),
+        "drafts_per_step": dflash_hf.core.pair_dflash.max_drafts_per_step(drafter),
         "dflash_mean_acceptance_length": statistics.mean(acceptance),
         "output_logits_dtype": logits_dtypes,
         "seconds": round(time.perf_counter() - started, 1),

@@ -3,8 +3,8 @@
 Both write the default target's greedy answers to the same held-out prompts, at the same dtype and on the same CPU:
 
 - vLLM: ``vllm serve TARGET`` (from ``$DFLASH_VLLM_PYTHON``'s venv, see scripts/make_vllm_venv.sh), driven by
-  ``dflash_hf.data.openai_responses`` (token-id prompts, token ids back, ``--concurrency`` requests in flight);
-- local: ``dflash_hf.data.generate_responses`` (batched, left-padded ``generate``, ``--batch-size`` rows per call).
+  ``dflash_hf.training.data.openai_responses`` (token-id prompts, token ids back, ``--concurrency`` requests in flight);
+- local: ``dflash_hf.training.data.generate_responses`` (batched, left-padded ``generate``, ``--batch-size`` rows per call).
 
 The server's start-up time (process start to ``/health``) is measured too, and not counted in its tokens/s.
 The server is stopped before the local run, so the two never share the CPU.
@@ -26,10 +26,16 @@ from pathlib import Path
 
 import torch
 
-from dflash_hf.data import generate_responses, openai_responses
-from dflash_hf.default_pair import default_target_folder, load_default_target
 from dflash_hf.machine import cpu_facts
-from dflash_hf.vllm_server import MAKE_VENV_SCRIPT, VLLM_PYTHON_ENV, VLLMServer, server_environment, vllm_python
+from dflash_hf.training.data import generate_responses, openai_responses
+from dflash_hf.training.default_pair import default_target_folder, load_default_target
+from dflash_hf.training.vllm_server import (
+    MAKE_VENV_SCRIPT,
+    VLLM_PYTHON_ENV,
+    VLLMServer,
+    server_environment,
+    vllm_python,
+)
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "dflash_hf" / "assets" / "bench_prompts.jsonl"
 

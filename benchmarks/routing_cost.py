@@ -24,13 +24,13 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-import dflash_hf.matmul_dflash as matmul
-from dflash_hf.bench import load_prompt_file
-from dflash_hf.cache_dflash import crop_cache
-from dflash_hf.data import chat_prompt_ids
-from dflash_hf.default_pair import load_default_pair
+import dflash_hf.core.matmul_dflash as matmul
+from dflash_hf.core.cache_dflash import crop_cache
+from dflash_hf.core.transformers_compat import cache_from_output, forward_cache_kwarg
 from dflash_hf.machine import describe_cpu
-from dflash_hf.transformers_compat import cache_from_output, forward_cache_kwarg
+from dflash_hf.tools.bench import load_prompt_file
+from dflash_hf.training.data import chat_prompt_ids
+from dflash_hf.training.default_pair import load_default_pair
 
 
 class EmptyMode(TorchFunctionMode):

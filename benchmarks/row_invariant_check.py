@@ -29,9 +29,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dflash_hf import load_default_pair
-from dflash_hf.bench import load_prompt_file
-from dflash_hf.data import chat_prompt_ids
 from dflash_hf.machine import describe_cpu
+from dflash_hf.tools.bench import load_prompt_file
+from dflash_hf.training.data import chat_prompt_ids
 
 ROWS = 16  # every few-row product is computed as this many rows
 

@@ -17,7 +17,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import dflash_hf
-from dflash_hf.draft_dflash import DraftSession
+from dflash_hf.core.draft_dflash import DraftSession
 from dflash_hf.machine import cpu_facts
 
 VOCAB = 256

@@ -28,13 +28,13 @@ from typing import Any, Callable
 
 import torch
 
-import dflash_hf.generation_dflash as loop
-import dflash_hf.matmul_dflash as matmul
-from dflash_hf.bench import load_prompt_file
-from dflash_hf.data import chat_prompt_ids
-from dflash_hf.default_pair import load_default_pair
+import dflash_hf.core.generation_dflash as loop
+import dflash_hf.core.matmul_dflash as matmul
+from dflash_hf.core.verify_dflash import BatchProcessorView, BlockVerifier
 from dflash_hf.machine import describe_cpu
-from dflash_hf.verify_dflash import BatchProcessorView, BlockVerifier
+from dflash_hf.tools.bench import load_prompt_file
+from dflash_hf.training.data import chat_prompt_ids
+from dflash_hf.training.default_pair import load_default_pair
 
 spent: dict[str, float] = defaultdict(float)
 

@@ -20,7 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import dflash_hf
 from dflash_hf.machine import cpu_facts
-from dflash_hf.traffic import TrafficRecorder
+from dflash_hf.training.traffic import TrafficRecorder
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -31,7 +31,7 @@ PROMPTS = [
 
 
 def default_pair_requests(rows: int) -> tuple:
-    from dflash_hf.data import chat_prompt_ids
+    from dflash_hf.training.data import chat_prompt_ids
 
     target, tokenizer, drafter = dflash_hf.load_default_pair()
     encoded = [chat_prompt_ids(tokenizer, p) for p in PROMPTS[:rows]]

@@ -16,10 +16,10 @@ import argparse
 from pathlib import Path
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.data import load_records
-from dflash_hf.default_pair import load_default_target
-from dflash_hf.pipeline import target_eos_ids
-from dflash_hf.training import draft_vocabulary, vocabulary_coverage
+from dflash_hf.training.data import load_records
+from dflash_hf.training.default_pair import load_default_target
+from dflash_hf.training.pipeline import target_eos_ids
+from dflash_hf.training.trainer import draft_vocabulary, vocabulary_coverage
 
 
 def parse_args() -> argparse.Namespace:

@@ -21,23 +21,26 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DFlashCandidateGenerator": "patch_dflash",
-    "DFlashConfig": "configuration_dflash",
-    "DFlashDraftModel": "modeling_dflash",
-    "DFlashStats": "generation_dflash",
-    "default_target_folder": "default_pair",
-    "default_target_layer_ids": "configuration_dflash",
-    "install_generate_patch": "patch_dflash",
-    "load_default_pair": "default_pair",
-    "measure_verify_costs": "calibration",
-    "record_traffic": "traffic",
+    "DFlashCandidateGenerator": "core.patch_dflash",
+    "DFlashConfig": "core.configuration_dflash",
+    "DFlashDraftModel": "core.modeling_dflash",
+    "DFlashStats": "core.generation_dflash",
+    "default_target_folder": "training.default_pair",
+    "default_target_layer_ids": "core.configuration_dflash",
+    "install_generate_patch": "core.patch_dflash",
+    "load_default_pair": "training.default_pair",
+    "measure_verify_costs": "tools.calibration",
+    "record_traffic": "training.traffic",
+    "run_pipeline": "training.pipeline",
+    "TrainSpec": "training.pipeline",
+    "export_drafter": "tools.hub",
 }
 _TRANSFORMERS_GENERATION = "transformers.generation.utils"
-_OUR_GENERATION = f"{__name__}.patch_dflash"  # the module that holds install_generate_patch
+_OUR_GENERATION = f"{__name__}.core.patch_dflash"  # the module that holds install_generate_patch
 
 
 def __getattr__(name: str) -> Any:
-    """The public names, and the submodules (``dflash_hf.hub``), imported when first asked for."""
+    """The public names, and the submodules (``dflash_hf.tools.hub``), imported when first asked for."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
@@ -116,4 +119,7 @@ __all__ = [
     "install_generate_patch",
     "load_default_pair",
     "record_traffic",
+    "run_pipeline",
+    "TrainSpec",
+    "export_drafter",
 ]

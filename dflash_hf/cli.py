@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .loading import input_errors_as, load_drafter, load_target, require_drafter
-from .options import (
+from .training.loading import input_errors_as, load_drafter, load_target, require_drafter
+from .training.options import (
     DTYPES,
     SUITE_NAMES,
     TRAIN_DESCRIPTION,
@@ -68,7 +68,7 @@ def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | N
             require_drafter(drafter_path)  # before the target: a wrong drafter fails in a second
         target, tokenizer = load_target(target_path, getattr(torch, dtype) if dtype else None)
         if drafter_path is None:
-            from .default_pair import default_drafter_dir
+            from .training.default_pair import default_drafter_dir
 
             drafter_path = str(default_drafter_dir())
         chosen = drafter_dtype not in (None, "auto")
@@ -81,7 +81,7 @@ def _load_pair(target_path: str | None, drafter_path: str | None, dtype: str | N
 def _to_fastest_dtype(target: Any, drafter: Any, calibration: Any = None) -> None:
     """Cast ``drafter`` to the dtype it drafts fastest in here (``fastest_drafter_dtype``, or the calibration's
     answer from an earlier run) and say what was measured."""
-    from .calibration import Calibration
+    from .tools.calibration import Calibration
 
     calibration = calibration or Calibration.load()
     dtype, timings, cached = calibration.fastest_drafter_dtype(target, drafter)
@@ -100,7 +100,7 @@ def _machine_calibration(args: argparse.Namespace) -> Iterator[None]:
     if not hasattr(args, "recalibrate"):
         yield
         return
-    from .calibration import Calibration
+    from .tools.calibration import Calibration
 
     args.calibration = calibration = Calibration.load(refresh=args.recalibrate or None)
     calibration.prime()
@@ -118,7 +118,7 @@ def _machine_calibration(args: argparse.Namespace) -> Iterator[None]:
 def _chat_ids(tokenizer: Any, prompt: str, device: Any) -> Any:
     import torch
 
-    from .data import chat_prompt_ids
+    from .training.data import chat_prompt_ids
 
     return torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
 
@@ -129,8 +129,8 @@ def _chat_ids(tokenizer: Any, prompt: str, device: Any) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from .bench import run_bench, two_row_forward_ms
-    from .matmul_dflash import measured_plan
+    from .core.matmul_dflash import measured_plan
+    from .tools.bench import run_bench, two_row_forward_ms
 
     started = time.perf_counter()
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
@@ -245,8 +245,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtypes = list(dict.fromkeys(args.dtype or [None]))
     if len(dtypes) == 1:
         return _bench_one_dtype(argparse.Namespace(**{**vars(args), "dtype": dtypes[0]}))
-    from .bench import format_dtype_comparison
     from .fileio import atomic_write_text
+    from .tools.bench import format_dtype_comparison
 
     codes, by_dtype = [], {}
     for dtype in dtypes:
@@ -264,8 +264,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_one_dtype(args: argparse.Namespace) -> int:
-    from .bench import PLOT_EXTRA, can_plot
-    from .suites import bench_prompts, suite_prompts
+    from .tools.bench import PLOT_EXTRA, can_plot
+    from .tools.suites import bench_prompts, suite_prompts
 
     if not can_plot():  # said now, not after the run: the JSON is still written
         print(f"dflash-hf: matplotlib is not installed: the bench writes its JSON and skips the PNG "
@@ -288,7 +288,7 @@ def _bench_one_dtype(args: argparse.Namespace) -> int:
 
 
 def _bench_suites(args: argparse.Namespace, suites: dict[str, list[str]]) -> int:
-    from .suites import format_suite_table, run_suites, write_suite_outputs
+    from .tools.suites import format_suite_table, run_suites, write_suite_outputs
 
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
                                             args.calibration)
@@ -311,7 +311,7 @@ def _set_drafts_per_step(args: argparse.Namespace, target: Any, drafter: Any) ->
                                f"drafter (block_size - 1 = {most}).")
         drafter.num_speculative_tokens = wanted
         return
-    from .calibration import Calibration
+    from .tools.calibration import Calibration
 
     calibration = getattr(args, "calibration", None) or Calibration.load()
     costs, cached = calibration.verify_costs(target, drafter)
@@ -333,7 +333,7 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
-    from .bench import format_table, run_bench, sampling_acceptance, write_outputs
+    from .tools.bench import format_table, run_bench, sampling_acceptance, write_outputs
 
     results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens,
                         batch_shape_control=True)
@@ -353,8 +353,8 @@ def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafte
 
 
 def _bench_batches(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
-    from .bench import can_plot, format_batch_table, plot_batch_results, run_batch_bench
     from .fileio import atomic_write_text
+    from .tools.bench import can_plot, format_batch_table, plot_batch_results, run_batch_bench
 
     results = run_batch_bench(target, tokenizer, drafter, prompts, tuple(args.batch_size), args.max_new_tokens)
     results["command"] = "dflash-hf " + " ".join(args.argv)
@@ -370,7 +370,7 @@ def _bench_batches(args: argparse.Namespace, target: Any, tokenizer: Any, drafte
 
 
 def _wrote(json_path: Path, png_path: Path | None, png_name: str) -> str:
-    from .bench import PLOT_EXTRA
+    from .tools.bench import PLOT_EXTRA
 
     if png_path is not None:
         return f"wrote {json_path} and {png_path}"
@@ -382,7 +382,7 @@ def _wrote(json_path: Path, png_path: Path | None, png_name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks no argument type can make alone (options that exclude each other), as TrainSpec makes them."""
-    from .pipeline import TrainSpec
+    from .training.pipeline import TrainSpec
 
     try:
         TrainSpec.from_args(args)
@@ -391,8 +391,8 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import OpenAIServerError
-    from .pipeline import TrainInputError, TrainSpec, run_pipeline
+    from .training.data import OpenAIServerError
+    from .training.pipeline import TrainInputError, TrainSpec, run_pipeline
 
     spec = TrainSpec.from_args(args, command_line="dflash-hf " + " ".join(args.argv))
     try:
@@ -502,7 +502,7 @@ ADAPT_DESCRIPTION = ("Fine-tune a drafter on traffic recorded with dflash_hf.rec
 
 
 def _add_adapt(sub: Any) -> None:
-    from .suites import SUITES
+    from .tools.suites import SUITES
 
     adapt = sub.add_parser("adapt", help="adapt a drafter to recorded traffic; acceptance before and after",
                            description=ADAPT_DESCRIPTION, formatter_class=HelpFormatter)
@@ -538,7 +538,7 @@ def _add_adapt(sub: Any) -> None:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import AdaptInputError, AdaptRejected, AdaptSpec, run_adapt
+    from .training.adapt import AdaptInputError, AdaptRejected, AdaptSpec, run_adapt
 
     with _reported():
         spec = AdaptSpec(
@@ -584,7 +584,7 @@ def _add_export_target(sub: Any) -> None:
 
 
 def cmd_export_target(args: argparse.Namespace) -> int:
-    from .default_pair import export_default_target
+    from .training.default_pair import export_default_target
 
     with _reported():
         out = export_default_target(args.out)
@@ -631,7 +631,7 @@ def _add_campaign(sub: Any) -> None:
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
-    from .campaign import CampaignSpec, run_campaign
+    from .training.campaign import CampaignSpec, run_campaign
 
     given = {"gen_batch_size": args.gen_batch_size} if args.gen_batch_size else {}
     spec = CampaignSpec(**given, campaign_dir=args.campaign_dir, work_dir=args.work_dir, drafter=args.drafter,
@@ -654,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapt(sub)
     _add_export_target(sub)
     _add_campaign(sub)
-    from . import hub
+    from .tools import hub
 
     hub.add_cli(sub, formatter_class=HelpFormatter)
     return parser

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.default_pair import default_drafter_dir, load_default_target
+from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
 
 
 def load(target_id: str | None, drafter_id: str | None) -> tuple[Any, Any, Any]:

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dflash_hf.hub import export_drafter, publish
+from dflash_hf.tools.hub import export_drafter, publish
 
 
 def main() -> None:

@@ -6,14 +6,14 @@ Small CPU example (the default offline target, a few prompts, a few steps):
 For a real target on GPUs (several processes): accelerate launch examples/train_drafter.py --target Qwen/Qwen3-8B ...
 
 In your own code, the spec is a dataclass:
-    from dflash_hf.pipeline import TrainSpec, run_pipeline
+    from dflash_hf.training.pipeline import TrainSpec, run_pipeline
     drafter_dir = run_pipeline(TrainSpec(out="runs/demo", num_prompts=8, max_new_tokens=32, steps=20))
 """
 
 from __future__ import annotations
 
-from dflash_hf.options import train_parser
-from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline
+from dflash_hf.training.options import train_parser
+from dflash_hf.training.pipeline import TrainInputError, TrainSpec, run_pipeline
 
 
 def main() -> int:

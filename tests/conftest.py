@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import dflash_hf
-from dflash_hf.draft_dflash import DraftSession
+from dflash_hf.core.draft_dflash import DraftSession
 
 VOCAB = 96
 COMMON = dict(
@@ -64,7 +64,7 @@ def few_row_routine_always(monkeypatch):
     """The few-row plan times BLAS against the routine on the running machine; here every few-row product takes
     the routine, so which product runs never depends on timing (tests/test_few_row_plan.py covers the measured
     plan)."""
-    import dflash_hf.matmul_dflash as matmul
+    import dflash_hf.core.matmul_dflash as matmul
 
     monkeypatch.setattr(matmul, "measured_plan", matmul.AlwaysRoutine)
 

@@ -16,10 +16,10 @@ from test_prompt_sources import char_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import dflash_hf.cli as cli
-from dflash_hf.adapt import AdaptInputError, AdaptSpec, _verdict, run_adapt
-from dflash_hf.data import chat_prompt_ids, write_shards
-from dflash_hf.traffic import record_traffic
-from dflash_hf.training import RECIPE_FILE, WARM_START_RECIPE
+from dflash_hf.training.adapt import AdaptInputError, AdaptSpec, _verdict, run_adapt
+from dflash_hf.training.data import chat_prompt_ids, write_shards
+from dflash_hf.training.traffic import record_traffic
+from dflash_hf.training.trainer import RECIPE_FILE, WARM_START_RECIPE
 
 WORDS = ["sort", "list", "python", "loop", "code", "bug", "print", "class", "test", "file"]
 

@@ -10,9 +10,9 @@ from conftest import VOCAB, make_drafter, make_target
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from dflash_hf.cache_dflash import COMPACT_MIN_HOLES
-from dflash_hf.draft_dflash import DraftSession
-from dflash_hf.modeling_dflash import DraftCache
+from dflash_hf.core.cache_dflash import COMPACT_MIN_HOLES
+from dflash_hf.core.draft_dflash import DraftSession
+from dflash_hf.core.modeling_dflash import DraftCache
 
 PROMPT_LENGTHS = (3, 11, 6, 1)
 
@@ -229,7 +229,7 @@ def test_interrupted_batch_leaves_the_target_clean():
     unaffected."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from dflash_hf.pair_dflash import target_decoder_layers
+    from dflash_hf.core.pair_dflash import target_decoder_layers
 
     class FailLate(LogitsProcessor):
         calls = 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import VOCAB, make_drafter, make_target
 
-from dflash_hf import bench, hub
-from dflash_hf.bench import (
+from dflash_hf.tools import bench, hub
+from dflash_hf.tools.bench import (
     METHOD_LABELS,
     MethodRun,
     aggregate_runs,

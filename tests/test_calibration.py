@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import make_drafter, make_target
 
-import dflash_hf.calibration as calibration_module
-import dflash_hf.draft_precision as draft_precision
-import dflash_hf.matmul_dflash as core
-from dflash_hf.calibration import Calibration, calibration_path, machine_identity
+import dflash_hf.core.matmul_dflash as core
+import dflash_hf.tools.calibration as calibration_module
+import dflash_hf.tools.draft_precision as draft_precision
+from dflash_hf.tools.calibration import Calibration, calibration_path, machine_identity
 
 
 class CountingTimings:

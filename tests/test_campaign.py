@@ -13,9 +13,9 @@ from conftest import COMMON
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import dflash_hf.cli as cli
-import dflash_hf.options as options
-import dflash_hf.prompt_sources as prompt_sources
-from dflash_hf.campaign import (
+import dflash_hf.training.options as options
+import dflash_hf.training.prompt_sources as prompt_sources
+from dflash_hf.training.campaign import (
     append_ledger_row,
     campaign_shards,
     committed_ids,
@@ -27,7 +27,7 @@ from dflash_hf.campaign import (
     regenerate_slice,
     write_campaign_shard,
 )
-from dflash_hf.default_pair import converted_target_dir
+from dflash_hf.training.default_pair import converted_target_dir
 
 RECORDS = [
     {"id": "a", "input_ids": [1, 5, 9, 40000, 7], "prompt_len": 2, "response_spans": [[2, 5]]},
@@ -141,8 +141,9 @@ def test_native_bfloat16_is_read_from_the_cpu_flags():
 
 
 def test_campaign_state_stays_out_of_the_wheel():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert not any(name.startswith("campaign") for name in config["tool"]["setuptools"]["packages"])
@@ -152,8 +153,8 @@ def test_campaign_state_stays_out_of_the_wheel():
 def test_the_best_drafter_is_kept_in_bfloat16_and_is_where_the_next_session_starts(tmp_path):
     from conftest import make_drafter, make_target
 
-    from dflash_hf.campaign import BEST_DRAFTER, campaign_best_dir, save_campaign_drafter
-    from dflash_hf.modeling_dflash import DFlashDraftModel
+    from dflash_hf.core.modeling_dflash import DFlashDraftModel
+    from dflash_hf.training.campaign import BEST_DRAFTER, campaign_best_dir, save_campaign_drafter
 
     assert campaign_best_dir(tmp_path) is None  # no session has beaten the shipped drafter yet
     drafter = make_drafter(make_target("qwen3", dtype=torch.float32))

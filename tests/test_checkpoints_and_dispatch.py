@@ -18,6 +18,7 @@ from transformers.generation.utils import GenerationMixin
 
 import dflash_hf
 from dflash_hf import DFlashDraftModel
+from dflash_hf.tools.hub import core_files
 
 
 def zlab_config(num_layers: int = 2) -> dict:
@@ -268,15 +269,20 @@ def test_checkpoint_loaded_without_remote_code_is_refused(tmp_path):
         target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, assistant_model=plain_qwen3)
 
 
-PORTABLE_FILES = ("configuration_dflash.py", "modeling_dflash.py", "generation_dflash.py", "transformers_compat.py",
-                  "cache_dflash.py", "verify_dflash.py", "matmul_dflash.py", "patch_dflash.py", "schedule_dflash.py",
-                  "pair_dflash.py", "draft_dflash.py", "lookup_dflash.py")
+PORTABLE_FILES = tuple(p.name for p in core_files())  # everything in dflash_hf/core/ but its __init__
 # What remote code may import: the libraries it runs on, and standard modules that neither reach the network nor
 # start processes. Relative imports (its own files) are always fine.
 ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "contextlib", "dataclasses", "functools", "importlib",
                    "inspect", "math", "pathlib", "threading", "time", "typing"}
 # (os, shutil, subprocess, socket and urllib cannot be imported at all, so their calls need no listing.)
 FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "write_text", "write_bytes", "mkdir", "touch"}
+
+
+def test_save_pretrained_writes_exactly_the_core(tmp_path):
+    # transformers copies the drafter's module and what it imports relatively: that must reach every core module
+    make_drafter(make_target("qwen3")).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == sorted(PORTABLE_FILES)
+    assert "__init__.py" not in PORTABLE_FILES and "modeling_dflash.py" in PORTABLE_FILES
 
 
 def test_remote_code_only_models_and_generates(tmp_path):

@@ -22,12 +22,12 @@ import torch
 from conftest import COMMON, make_drafter, make_target
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-import dflash_hf.bench as bench
 import dflash_hf.cli as cli
-import dflash_hf.options as options
-from dflash_hf import hub
-from dflash_hf.default_pair import converted_target_dir, default_drafter_dir
+import dflash_hf.tools.bench as bench
+import dflash_hf.training.options as options
+from dflash_hf.tools import hub
 from dflash_hf.fileio import atomic_write_text, make_shareable, staging_dir
+from dflash_hf.training.default_pair import converted_target_dir, default_drafter_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash"
@@ -231,7 +231,7 @@ def test_train_options_the_target_cannot_take_fail_before_stage_1(case, tiny_tar
 
 def test_the_early_drafter_check_leaves_the_random_state_alone():
     """The drafter built after stage 1 draws the initial weights it drew before the check existed."""
-    from dflash_hf.pipeline import TrainSpec, early_drafters
+    from dflash_hf.training.pipeline import TrainSpec, early_drafters
 
     target = make_target("llama")
     spec = TrainSpec(out="unused", num_layers=1, block_size=8, num_taps=1)
@@ -335,7 +335,7 @@ def test_exported_folder_bench_json_and_features_are_shareable(exported, tmp_pat
                                                    methods=CANNED_RESULTS["methods"], target="t", drafter="d",
                                                    device="cpu", dtype="float32"), tmp_path / "bench")
     assert mode(json_path) == 0o644 and (png_path is None or mode(png_path) == 0o644)
-    from dflash_hf.training import _atomic_save
+    from dflash_hf.training.trainer import _atomic_save
 
     _atomic_save({"x": torch.zeros(2)}, tmp_path / "features-00000.safetensors", {"prompt_lens": "[]"})
     assert mode(tmp_path / "features-00000.safetensors") == 0o644
@@ -344,7 +344,7 @@ def test_exported_folder_bench_json_and_features_are_shareable(exported, tmp_pat
 def test_training_checkpoints_are_shareable(tmp_path, umask_022):
     from accelerate import Accelerator
 
-    from dflash_hf.training import TrainConfig, _save_checkpoint
+    from dflash_hf.training.trainer import TrainConfig, _save_checkpoint
 
     _save_checkpoint(Accelerator(cpu=not torch.cuda.is_available()), tmp_path, 1, TrainConfig())
     checkpoint = tmp_path / "checkpoint-1"
@@ -356,7 +356,7 @@ def test_converted_default_target_cache_is_shareable(tmp_path, monkeypatch, umas
     """The conversion itself (de-quantising the GGUF, 15-40 s) is replaced by a tiny model; the writing is real."""
     import transformers
 
-    import dflash_hf.default_pair as default_pair
+    import dflash_hf.training.default_pair as default_pair
 
     class Tokenizer:
         def save_pretrained(self, folder):
@@ -417,7 +417,7 @@ def test_importing_dflash_hf_installs_the_patch_when_transformers_loads():
 @pytest.mark.parametrize("statement", [
     "from dflash_hf import DFlashDraftModel",
     "from dflash_hf import DFlashCandidateGenerator",
-    "import dflash_hf.patch_dflash",
+    "import dflash_hf.core.patch_dflash",
     "from transformers.generation.utils import GenerationMixin; import dflash_hf",
     "import dflash_hf; from transformers import LlamaForCausalLM",
     "import dflash_hf; from transformers import AutoModelForCausalLM as M, LlamaConfig as C; "
@@ -453,7 +453,7 @@ def test_help_has_no_markup_and_every_option_is_explained():
 
 
 def test_cli_block_size_bound_is_the_decode_loop_s():
-    from dflash_hf.pair_dflash import MAX_BLOCK_SIZE
+    from dflash_hf.core.pair_dflash import MAX_BLOCK_SIZE
 
     assert options.MAX_BLOCK_SIZE == MAX_BLOCK_SIZE
 

@@ -13,7 +13,7 @@ import torch
 
 import dflash_hf
 from dflash_hf.cli import main as cli_main
-from dflash_hf.default_pair import converted_target_dir, default_drafter_dir
+from dflash_hf.training.default_pair import converted_target_dir, default_drafter_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -37,8 +37,8 @@ def test_default_pair_is_lossless_offline(pair):
 
 
 def test_default_drafter_gets_drafts_accepted(pair):
-    from dflash_hf.bench import load_prompt_file
-    from dflash_hf.data import chat_prompt_ids
+    from dflash_hf.tools.bench import load_prompt_file
+    from dflash_hf.training.data import chat_prompt_ids
 
     target, tokenizer, drafter = pair
     lengths = []
@@ -51,7 +51,7 @@ def test_default_drafter_gets_drafts_accepted(pair):
 
 
 def test_regeneration_with_batched_dflash_writes_the_same_responses(pair):
-    from dflash_hf.data import generate_responses
+    from dflash_hf.training.data import generate_responses
 
     target, tokenizer, drafter = pair
     prompts = ["Name a fruit.", "Write one sentence about the moon.", "What is 2 + 2?"]
@@ -63,8 +63,8 @@ def test_regeneration_with_batched_dflash_writes_the_same_responses(pair):
 
 
 def test_a_grown_run_adds_only_the_new_prompts(pair, tmp_path):
-    from dflash_hf.data import load_records, regenerate
-    from dflash_hf.training import FeatureDataset, extract_features
+    from dflash_hf.training.data import load_records, regenerate
+    from dflash_hf.training.trainer import FeatureDataset, extract_features
 
     target, tokenizer, _ = pair
     prompts = ["Name a fruit.", "What is 2 + 2?", "Name a colour.", "Name a planet.", "Name a river."]
@@ -106,7 +106,7 @@ def test_shipped_drafter_folder_is_complete():
 
 def test_the_demo_prompt_is_the_first_bench_prompt():
     from dflash_hf.cli import DEFAULT_PROMPT
-    from dflash_hf.suites import bench_prompts
+    from dflash_hf.tools.suites import bench_prompts
 
     assert DEFAULT_PROMPT == bench_prompts(None, limit=1)[0]
 
@@ -114,7 +114,7 @@ def test_the_demo_prompt_is_the_first_bench_prompt():
 def _demo_output(capsys, monkeypatch, argv: list[str]) -> str:
     """``dflash-hf demo`` as a fresh process would run it: the measured few-row plan (not the suite's
     always-the-routine one), empty."""
-    import dflash_hf.matmul_dflash as core
+    import dflash_hf.core.matmul_dflash as core
 
     fresh = core.FewRowPlan()
     monkeypatch.setattr(core, "measured_plan", lambda: fresh)
@@ -123,7 +123,7 @@ def _demo_output(capsys, monkeypatch, argv: list[str]) -> str:
 
 
 def test_cli_demo_times_both_warm_and_calibrates_once(tmp_path, capsys, monkeypatch):
-    import dflash_hf.calibration as calibration
+    import dflash_hf.tools.calibration as calibration
 
     monkeypatch.setattr(calibration, "cache_root", lambda: tmp_path)
     first = _demo_output(capsys, monkeypatch, ["--repeats", "1"])
@@ -168,7 +168,7 @@ def test_cli_bench_with_a_bfloat16_drafter_reports_step_costs(tmp_path, capsys):
 
 
 def test_gen_dtype_copy_is_made_only_when_there_is_something_to_write(tmp_path, monkeypatch):
-    import dflash_hf.pipeline as pipeline
+    import dflash_hf.training.pipeline as pipeline
 
     copies = []  # models deep-copied (copy.deepcopy is used for configs too, which do not count)
     real_deepcopy = pipeline.copy.deepcopy

@@ -1,12 +1,12 @@
-"""The drafter dtype chosen by measurement on the running machine (dflash_hf/draft_precision.py, --drafter-dtype auto)."""
+"""The drafter dtype chosen by measurement on the running machine (dflash_hf/tools/draft_precision.py, --drafter-dtype auto)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-import dflash_hf.draft_precision as precision
 from conftest import VOCAB, make_drafter, make_target
+
+import dflash_hf.tools.draft_precision as precision
 
 
 def test_draft_timings_measure_every_candidate_and_leave_the_drafter_alone():

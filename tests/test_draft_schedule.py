@@ -10,8 +10,8 @@ import torch
 from conftest import VOCAB, Script, make_drafter, make_target
 from test_batched import left_pad, prompts
 
-from dflash_hf.calibration import Calibration, measure_verify_costs, target_key
-from dflash_hf.schedule_dflash import PROBE_EVERY, AcceptanceProfile, DraftSchedule, VerifyCosts
+from dflash_hf.core.schedule_dflash import PROBE_EVERY, AcceptanceProfile, DraftSchedule, VerifyCosts
+from dflash_hf.tools.calibration import Calibration, measure_verify_costs, target_key
 
 FLAT = VerifyCosts({1: 0.010, 64: 0.0105})  # rows nearly free: verify the whole block
 STEEP = VerifyCosts({1: 0.010, 2: 0.030, 64: 1.3})  # every extra row costs two plain steps: never worth drafting
@@ -105,7 +105,7 @@ def test_a_real_drafter_with_every_schedule_is_lossless_in_a_batch(family):
 
 def test_a_plain_step_keeps_the_drafter_s_context_for_its_next_draft(monkeypatch):
     """After plain steps, the next draft sees every position the drafter missed (none lost, none twice)."""
-    from dflash_hf.draft_dflash import DraftSession
+    from dflash_hf.core.draft_dflash import DraftSession
 
     target = make_target("qwen3")
     drafter = _auto(make_drafter(target, block_size=8), STEEP)

@@ -14,10 +14,10 @@ from test_hybrid_targets import make_hybrid
 from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
-from dflash_hf.draft_dflash import DraftSession
-from dflash_hf.pair_dflash import validate_pair
-from dflash_hf.modeling_dflash import DraftCache
-from dflash_hf.training import block_attention_mask
+from dflash_hf.core.draft_dflash import DraftSession
+from dflash_hf.core.modeling_dflash import DraftCache
+from dflash_hf.core.pair_dflash import validate_pair
+from dflash_hf.training.trainer import block_attention_mask
 
 WINDOW = 6
 BLOCK = 4
@@ -383,7 +383,7 @@ def test_sliding_layers_are_causal_inside_the_block_by_default():
 def test_training_mask_applies_each_layers_rules_like_inference():
     """The trainer's one-forward-for-all-blocks mask plus the layer rules gives, for every block, what inference
     computes for that block alone: sliding windows and in-block causality included."""
-    from dflash_hf.training import block_attention_mask
+    from dflash_hf.training.trainer import block_attention_mask
 
     target = make_target("qwen3")
     drafter = make_sliding_drafter(target)  # 4 sliding (causal in block) + 1 full

@@ -6,7 +6,7 @@ import json
 
 import dflash_hf
 from dflash_hf.cli import main
-from dflash_hf.default_pair import converted_target_dir
+from dflash_hf.training.default_pair import converted_target_dir
 
 
 def test_default_target_folder_is_a_plain_safetensors_folder():

@@ -1,4 +1,4 @@
-"""The measured plan of which product computes a few-row float32 linear on CPU (dflash_hf/matmul_dflash.py)."""
+"""The measured plan of which product computes a few-row float32 linear on CPU (dflash_hf/core/matmul_dflash.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
-
-import dflash_hf.matmul_dflash as core
 from conftest import VOCAB, make_drafter, make_target
+
+import dflash_hf.core.matmul_dflash as core
 
 MEASURED_PLAN = core.measured_plan  # taken at import: conftest's autouse fixture swaps it for every test
 

@@ -12,10 +12,9 @@ from conftest import VOCAB, make_drafter, make_target
 from test_batched import left_pad, prompts
 
 import dflash_hf
-from dflash_hf.configuration_dflash import DFlashConfig, default_target_layer_ids
-from dflash_hf.draft_dflash import DraftSession
-from dflash_hf.transformers_compat import generate_output_cache_field
-
+from dflash_hf.core.configuration_dflash import DFlashConfig, default_target_layer_ids
+from dflash_hf.core.draft_dflash import DraftSession
+from dflash_hf.core.transformers_compat import generate_output_cache_field
 
 CACHE_FIELD = generate_output_cache_field()
 

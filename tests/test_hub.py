@@ -17,7 +17,8 @@ from conftest import VOCAB, make_drafter, make_target
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from dflash_hf import DFlashDraftModel, hub
+from dflash_hf import DFlashDraftModel
+from dflash_hf.tools import hub
 
 BASE = "Qwen/Qwen3-0.6B"
 TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"

@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dflash_hf.hub import check_serving_contract, export_drafter
+from dflash_hf.tools.hub import check_serving_contract, core_files, export_shipped_drafter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash"
 BENCH = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash.bench.json"
-TRAINING = ROOT / "hub_upload" / "SmolLM2-135M-Instruct-DFlash.training.json"
 
 
 def test_shipped_folder_is_what_export_produces(tmp_path):
     bench = json.loads(BENCH.read_text())
-    training = json.loads(TRAINING.read_text()) if TRAINING.exists() else None
-    rebuilt = export_drafter(SHIPPED, tmp_path / "rebuilt", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-                             bench_json=BENCH, model_name="dflash-hf/SmolLM2-135M-Instruct-DFlash",
-                             training_summary=training)
+    rebuilt = export_shipped_drafter(tmp_path / "rebuilt")  # what scripts/refresh_shipped_drafter.py writes
     shipped = sorted(p.name for p in SHIPPED.iterdir() if not p.name.startswith((".", "__")))
     assert sorted(p.name for p in rebuilt.iterdir()) == shipped
     for name in shipped:
@@ -42,3 +38,13 @@ def test_shipped_card_gives_every_suite_and_the_cpu():
                f"{suite['speedup']:.2f}× | {suite['lossless_prompts']}/{suite['prompts']} |")
         assert row in card, row
     assert bench["cpu_info"]["cpu_model"] in card
+
+
+def test_the_shipped_code_is_exactly_the_core():
+    # the folder's modules are generated from dflash_hf/core/ (scripts/refresh_shipped_drafter.py): the same set,
+    # byte for byte, and nothing else
+    shipped = {p.name: p.read_bytes() for p in SHIPPED.glob("*.py")}
+    core = {p.name: p.read_bytes() for p in core_files()}
+    assert sorted(shipped) == sorted(core)
+    for name in core:
+        assert shipped[name] == core[name], f"{name} differs from dflash_hf/core/{name}: run scripts/refresh_shipped_drafter.py"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import SMALL_CHI_SQUARE_SAMPLES, exact_pair_law, chi_square_p_value
+from conftest import SMALL_CHI_SQUARE_SAMPLES, chi_square_p_value, exact_pair_law
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.transformers_compat import stock_loop_refuses_stateful
+from dflash_hf.core.transformers_compat import stock_loop_refuses_stateful
 
 HYBRID_VOCAB = 128
 LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]

@@ -17,8 +17,8 @@ import pytest
 from conftest import make_drafter, make_target
 
 import dflash_hf.cli as cli
-from dflash_hf.data import count_records, load_prompts, load_records, regenerate, write_shards
-from dflash_hf.traffic import (
+from dflash_hf.training.data import count_records, load_prompts, load_records, regenerate, write_shards
+from dflash_hf.training.traffic import (
     ShardFolder,
     TrafficRecorder,
     build_adapt_data,
@@ -59,7 +59,7 @@ def test_traffic_shards_are_private_in_a_folder_others_can_read(tmp_path, umask_
     folder = tmp_path / "traffic"
     folder.mkdir(mode=0o755)
     os.chmod(folder, 0o755)
-    with caplog.at_level(logging.WARNING, logger="dflash_hf.traffic"):
+    with caplog.at_level(logging.WARNING, logger="dflash_hf.training.traffic"):
         shards = ShardFolder(folder, None)
         first, second = shards.write(traffic_line(1) + "\n"), shards.write(traffic_line(2) + "\n")
         TrafficRecorder(folder).close()  # entering a recording block into the same folder
@@ -71,7 +71,7 @@ def test_traffic_shards_are_private_in_a_folder_others_can_read(tmp_path, umask_
 
 def test_a_traffic_folder_the_recorder_makes_is_private_and_not_warned_about(tmp_path, umask_022, caplog):
     folder = tmp_path / "new" / "traffic"
-    with caplog.at_level(logging.WARNING, logger="dflash_hf.traffic"):
+    with caplog.at_level(logging.WARNING, logger="dflash_hf.training.traffic"):
         shard = ShardFolder(folder, None).write(traffic_line(1) + "\n")
     assert mode(folder) == 0o700 and mode(shard) == 0o600
     assert not [r for r in caplog.records if "readable by other users" in r.getMessage()]

@@ -12,17 +12,11 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from dflash_hf import kernels  # noqa: E402
 from dflash_hf.kernels import dispatch  # noqa: E402
 from dflash_hf.kernels import reference as ref  # noqa: E402
-from dflash_hf.kernels.keyed_random import (  # noqa: E402
-    STREAM_DRAFT,
-    STREAM_TARGET,
-    keyed_uniform,
-    stream_key,
-    stream_key_i32,
-)
+from dflash_hf.kernels.keyed_random import STREAM_DRAFT, STREAM_TARGET, keyed_uniform, stream_key, stream_key_i32  # noqa: E402
+
+from dflash_hf import kernels  # noqa: E402
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")

@@ -240,7 +240,7 @@ def test_stock_assisted_loop_drives_candidate_generator(family, scripted):
     assert stats.acceptance_lengths[:2] == [8, 2]
     assert stats.new_tokens == 18 and sum(stats.acceptance_lengths) == 18 - 1  # all but the prefill's token
     assert stats.num_target_forwards == len(stats.acceptance_lengths) + 1
-    from dflash_hf.pair_dflash import target_decoder_layers
+    from dflash_hf.core.pair_dflash import target_decoder_layers
 
     assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
 
@@ -262,7 +262,7 @@ def test_hooks_removed_when_generation_raises():
     with pytest.raises(KeyboardInterrupt):
         target.generate(prompt, max_new_tokens=10, logits_processor=LogitsProcessorList([Boom()]),
                         assistant_model=drafter)
-    from dflash_hf.pair_dflash import target_decoder_layers
+    from dflash_hf.core.pair_dflash import target_decoder_layers
 
     assert all(not layer._forward_hooks for layer in target_decoder_layers(target))
     fresh = make_target("qwen3")
@@ -294,7 +294,7 @@ def test_impossible_num_speculative_tokens_is_refused(bad):
 
 
 def test_routed_linears_route_only_small_float32_cpu_products(monkeypatch):
-    import dflash_hf.matmul_dflash as core
+    import dflash_hf.core.matmul_dflash as core
 
     routed = []
     original = core.linear_for_few_rows
@@ -322,7 +322,7 @@ def test_routed_linears_route_only_small_float32_cpu_products(monkeypatch):
 def test_float32_verify_under_the_few_row_routine_is_lossless(scripted, monkeypatch, rows, enabled):
     """The verify forwards and drafts of a float32 CPU target run through the routine (unless the drafter turns it
     off) and still equal plain."""
-    import dflash_hf.matmul_dflash as core
+    import dflash_hf.core.matmul_dflash as core
 
     routed = []
     original = core.linear_for_few_rows

@@ -15,11 +15,18 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-import dflash_hf.data as data
+import dflash_hf.training.data as data
 from dflash_hf.cli import main
-from dflash_hf.data import OpenAIServerError, chat_ids, chat_prompt_ids, openai_responses, read_jsonl, regenerate
-from dflash_hf.default_pair import converted_target_dir
-from dflash_hf.vllm_server import free_port
+from dflash_hf.training.data import (
+    OpenAIServerError,
+    chat_ids,
+    chat_prompt_ids,
+    openai_responses,
+    read_jsonl,
+    regenerate,
+)
+from dflash_hf.training.default_pair import converted_target_dir
+from dflash_hf.training.vllm_server import free_port
 
 ANSWER = [1073, 416, 339, 4237]  # "How can I assist" in the default target's vocabulary, then its EOS below
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import dflash_hf.cli as cli
-import dflash_hf.options as options
-from dflash_hf.data import load_records
-from dflash_hf.default_pair import converted_target_dir
-from dflash_hf.pipeline import TrainInputError, TrainSpec, run_pipeline, target_eos_ids, train_config
-from dflash_hf.training import draft_vocabulary
+import dflash_hf.training.options as options
+from dflash_hf.training.data import load_records
+from dflash_hf.training.default_pair import converted_target_dir
+from dflash_hf.training.pipeline import TrainInputError, TrainSpec, run_pipeline, target_eos_ids, train_config
+from dflash_hf.training.trainer import draft_vocabulary
 
 
 def _options() -> dict:
@@ -289,7 +289,7 @@ def test_an_unrelated_data_shard_in_the_run_folder_is_refused_before_anything_is
 SEEDED_RUN = """
 import sys
 import dflash_hf.cli as cli
-import dflash_hf.training as training
+import dflash_hf.training.trainer as training
 import torch
 torch.manual_seed(int(sys.argv[1]))  # what ran before in the process must not matter
 kill_after = int(sys.argv[2])

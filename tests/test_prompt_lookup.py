@@ -10,9 +10,9 @@ from conftest import VOCAB, Script, make_drafter, make_target
 from test_batched import left_pad, prompts
 from test_draft_schedule import FLAT, STEEP
 
-from dflash_hf.draft_dflash import DraftSession
-from dflash_hf.lookup_dflash import LookupChooser, ngram_continuation
-from dflash_hf.schedule_dflash import AcceptanceProfile, DraftSchedule
+from dflash_hf.core.draft_dflash import DraftSession
+from dflash_hf.core.lookup_dflash import LookupChooser, ngram_continuation
+from dflash_hf.core.schedule_dflash import AcceptanceProfile, DraftSchedule
 
 
 def ids(*tokens: int) -> torch.Tensor:

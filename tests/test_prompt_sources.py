@@ -17,12 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dflash_hf.cli as cli
-import dflash_hf.options as options
-import dflash_hf.prompt_sources as sources
-from dflash_hf.data import chat_ids, generate_responses, load_records, regenerate, write_shards
+import dflash_hf.training.options as options
+import dflash_hf.training.prompt_sources as sources
 from dflash_hf.machine import describe_cpu, parse_cpuinfo
-from dflash_hf.prompt_sources import ParseReport, iter_json_array, load_sharegpt, split_of
-from dflash_hf.training import (
+from dflash_hf.training.data import chat_ids, generate_responses, load_records, regenerate, write_shards
+from dflash_hf.training.prompt_sources import ParseReport, iter_json_array, load_sharegpt, split_of
+from dflash_hf.training.trainer import (
     FeatureDataset,
     TrainConfig,
     anchor_label_ends,
@@ -363,7 +363,7 @@ def tiny_pair_dirs(tmp_path_factory, tokenizer):
 
 
 def test_suite_names_agree():
-    from dflash_hf.suites import SUITES
+    from dflash_hf.tools.suites import SUITES
 
     assert options.SUITE_NAMES == SUITES and options.TRAINING_SOURCE_NAMES == sources.TRAINING_SOURCES
 

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, make_target
-from test_training import _acceptance, _target_records as _records  # the trainer tests' tiny runs
+from test_training import _acceptance  # the trainer tests' tiny runs
+from test_training import _target_records as _records
 
 from dflash_hf import DFlashConfig, DFlashDraftModel
-from dflash_hf.data import load_records, write_shards
-from dflash_hf.draft_dflash import DraftSession
-from dflash_hf.training import (
+from dflash_hf.core.draft_dflash import DraftSession
+from dflash_hf.training.data import load_records, write_shards
+from dflash_hf.training.trainer import (
     DraftHead,
     FeatureDataset,
     TrainConfig,

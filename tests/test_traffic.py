@@ -20,9 +20,9 @@ from test_prompt_sources import char_tokenizer
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import dflash_hf
-import dflash_hf.traffic as traffic
-from dflash_hf.data import chat_ids, load_records, write_shards
-from dflash_hf.traffic import ShardFolder, build_adapt_data, import_log, read_traffic, record_traffic
+import dflash_hf.training.traffic as traffic
+from dflash_hf.training.data import chat_ids, load_records, write_shards
+from dflash_hf.training.traffic import ShardFolder, build_adapt_data, import_log, read_traffic, record_traffic
 
 
 class StopOn(StoppingCriteria):
@@ -390,7 +390,7 @@ def test_replay_share_when_the_original_run_is_small():
 
 def test_recorded_traffic_becomes_features_and_heldout_requests(pair, tmp_path):
     """End to end on the tiny target: record, build adaptation data, extract its features, replay a request."""
-    from dflash_hf.training import extract_features
+    from dflash_hf.training.trainer import extract_features
 
     target, drafter = pair
     with record_traffic(drafter, tmp_path / "traffic"):

@@ -12,8 +12,8 @@ from conftest import VOCAB, make_target
 from safetensors.torch import load_file
 
 from dflash_hf import DFlashDraftModel
-from dflash_hf.data import load_records, write_shards
-from dflash_hf.training import (
+from dflash_hf.training.data import load_records, write_shards
+from dflash_hf.training.trainer import (
     FeatureDataset,
     TrainConfig,
     block_attention_mask,
@@ -175,7 +175,7 @@ def _history(folder):
 def test_a_killed_run_keeps_the_log_of_every_step_once_resumed(trained_setup, tmp_path, monkeypatch, kill):
     """Killed right after checkpoint-5 is saved, or after the log of steps 6-10 is written but before checkpoint-10:
     once resumed, history.jsonl holds every step once, as an uninterrupted run's."""
-    import dflash_hf.training as training
+    import dflash_hf.training.trainer as training
 
     root, target, _ = trained_setup
     dataset = FeatureDataset(root / "features")
@@ -243,7 +243,7 @@ def test_a_checkpoint_saved_without_its_shape_still_names_its_layer_count(traine
 
 
 def test_a_checkpoint_resumes_only_with_its_settings_and_steps_may_grow(trained_setup, tmp_path):
-    from dflash_hf.training import ResumeMismatch
+    from dflash_hf.training.trainer import ResumeMismatch
 
     root, target, _ = trained_setup
     dataset = FeatureDataset(root / "features")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dflash_hf.verify_dflash as verify_module
-from dflash_hf.cache_dflash import DraftCache, compaction_order, left_aligned_mask
-from dflash_hf.transformers_compat import patched_signature_problems
-from dflash_hf.verify_dflash import BatchProcessorView, BlockVerifier
+import dflash_hf.core.verify_dflash as verify_module
+from dflash_hf.core.cache_dflash import DraftCache, compaction_order, left_aligned_mask
+from dflash_hf.core.transformers_compat import patched_signature_problems
+from dflash_hf.core.verify_dflash import BatchProcessorView, BlockVerifier
 
 VOCAB = 11
 DRAFTS = 5

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, make_drafter, make_target
-
 from dflash_hf.kernels import triton_available
 
 

@@ -22,16 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dflash_hf.data import OpenAIClient, chat_prompt_ids, read_jsonl, regenerate
-from dflash_hf.default_pair import (
+from dflash_hf.core.modeling_dflash import DFlashDraftModel
+from dflash_hf.tools.hub import export_drafter
+from dflash_hf.training.data import OpenAIClient, chat_prompt_ids, read_jsonl, regenerate
+from dflash_hf.training.default_pair import (
     DEFAULT_TARGET_NAME,
     converted_target_dir,
     default_drafter_dir,
     load_default_target,
 )
-from dflash_hf.hub import export_drafter
-from dflash_hf.modeling_dflash import DFlashDraftModel
-from dflash_hf.vllm_server import (
+from dflash_hf.training.vllm_server import (
     MAKE_VENV_SCRIPT,
     VLLM_PYTHON_ENV,
     SpecDecodeCounts,

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 FEW_ROWS = range(2, 17)
 PADDED_ROWS = (4, 8, 16)  # row counts the routine may pad a product up to, where BLAS computes them faster
 BLAS_MARGIN = 0.9  # BLAS keeps a product only when it is clearly faster: noise must not flip a near-tie
@@ -114,7 +113,7 @@ class FewRowPlan:
     weight meets depends on acceptance (drafts verified per step, tokens accepted), so timing them together is what
     lets one run calibrate every later one. The fastest recipe is taken unless BLAS is clearly faster than it. A
     product already in ``choices`` is not timed: the tools fill it from an earlier process's measurements of the
-    same machine (``dflash_hf.calibration``; this module itself never touches files).
+    same machine (``dflash_hf.tools.calibration``; this module itself never touches files).
     """
 
     def __init__(self, measure: Callable[[torch.Tensor, int, torch.Tensor | None, Sequence[FewRowRecipe | None]],

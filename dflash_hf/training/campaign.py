@@ -35,9 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ..fileio import atomic_file, atomic_write_text, can_plot, save_figure
+from ..machine import cpu_facts, describe_cpu
 from .data import ThroughputMeter, generate_responses, write_shards
-from .fileio import atomic_file, atomic_write_text, can_plot, save_figure
-from .machine import cpu_facts, describe_cpu
 
 SHARD_FORMAT = "dflash-hf campaign shard 1"
 SHARD_GLOB = "shard-*.safetensors.gz"
@@ -296,10 +296,10 @@ class CampaignSpec:
 
 def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict:
     """One session of the campaign; returns its ledger row. See the module docstring."""
+    from ..core.modeling_dflash import DFlashDraftModel
     from .default_pair import default_drafter_dir, load_default_target
-    from .modeling_dflash import DFlashDraftModel
     from .prompt_sources import bench_sample
-    from .training import FeatureDataset, TrainConfig, extract_features, train_drafter
+    from .trainer import FeatureDataset, TrainConfig, extract_features, train_drafter
 
     started, wall_started = time.perf_counter(), time.time()
     deadline = wall_started + spec.time_budget_s

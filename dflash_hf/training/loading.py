@@ -72,8 +72,8 @@ def load_target(target_path: str | None, torch_dtype: Any = None) -> tuple[Any, 
 
 def load_drafter(source: str, target: Any, dtype: Any, option: str = "--drafter") -> Any:
     """A DFlash drafter on the target's device, checked against the target (a mismatch fails here, not later)."""
-    from .modeling_dflash import DFlashDraftModel
-    from .pair_dflash import validate_pair
+    from ..core.modeling_dflash import DFlashDraftModel
+    from ..core.pair_dflash import validate_pair
 
     require_drafter(source, option)
     drafter = DFlashDraftModel.from_pretrained(source, dtype=dtype).to(target.device).eval()

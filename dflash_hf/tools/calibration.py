@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from .default_pair import cache_root
-from .fileio import atomic_write_text
-from .machine import cpu_facts
-from . import matmul_dflash
-from .cache_dflash import crop_cache, has_linear_attention, uncroppable_cache_problem
-from .matmul_dflash import FewRowPlan, FewRowRecipe
-from .schedule_dflash import VerifyCosts
+from ..core import matmul_dflash
+from ..core.cache_dflash import crop_cache, has_linear_attention, uncroppable_cache_problem
+from ..core.matmul_dflash import FewRowPlan, FewRowRecipe
+from ..core.schedule_dflash import VerifyCosts
+from ..fileio import atomic_write_text
+from ..machine import cpu_facts
+from ..training.default_pair import cache_root
 
 RECALIBRATE_ENV = "DFLASH_HF_RECALIBRATE"
 _FORMAT = 1
@@ -40,7 +40,7 @@ def machine_identity() -> dict:
     """What the cached measurements depend on: the CPU, the threads torch uses and the library versions."""
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "format": _FORMAT,
@@ -107,8 +107,8 @@ def measure_verify_costs(target: Any, drafter: Any = None, rows: tuple[int, ...]
     verify the number of drafts that maximises expected tokens per second."""
     from transformers import DynamicCache
 
-    from .matmul_dflash import few_row_products, routed_linears
-    from .transformers_compat import forward_cache_kwarg
+    from ..core.matmul_dflash import few_row_products, routed_linears
+    from ..core.transformers_compat import forward_cache_kwarg
 
     device, cache_kwarg = target.device, forward_cache_kwarg(target)
     setting = True if drafter is None else getattr(drafter, "few_row_matmul_on_cpu", True)

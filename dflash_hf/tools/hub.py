@@ -19,9 +19,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .fileio import make_shareable, staging_dir
+from ..fileio import make_shareable, staging_dir
 
+CORE_DIR = Path(__file__).resolve().parents[1] / "core"
 CARD_TEMPLATE = "drafter_card.md.jinja"
+SHIPPED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SHIPPED_MODEL_NAME = "dflash-hf/SmolLM2-135M-Instruct-DFlash"
 CARD_TAGS = ["dflash", "speculative-decoding", "block-diffusion", "draft-model"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 BENCH_KEYS = (
@@ -370,7 +373,7 @@ def export_drafter(
     ``training_summary`` defaults to the ``training.json`` already in ``checkpoint`` (an earlier export), so a
     re-export keeps the recipe. Returns the resolved ``out_dir``.
     """
-    from .pair_dflash import max_drafts_per_step
+    from ..core.pair_dflash import max_drafts_per_step
 
     checkpoint, out_dir = Path(checkpoint).resolve(), Path(out_dir).resolve()
     if not base_model or not isinstance(base_model, str):
@@ -453,7 +456,7 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _load_checkpoint(checkpoint: Path) -> Any:
-    from .modeling_dflash import DFlashDraftModel
+    from ..core.modeling_dflash import DFlashDraftModel
 
     if not (checkpoint / "config.json").is_file():
         raise ValueError(
@@ -477,6 +480,7 @@ def _write_folder(drafter: Any, folder: Path, *, base_model: str, bench: dict | 
     # stale ones would point at files this folder does not hold.
     drafter.config.auto_map = {}
     drafter.save_pretrained(folder)
+    write_core_files(folder)  # the whole core, whichever modules save_pretrained followed from the drafter's class
     card = render_model_card(drafter, base_model=base_model, bench=bench, license=license,
                              model_name=model_name, training_summary=training_summary)
     (folder / "README.md").write_text(card, encoding="utf-8")
@@ -484,6 +488,34 @@ def _write_folder(drafter: Any, folder: Path, *, base_model: str, bench: dict | 
         recipe = json.dumps(training_summary, indent=2, ensure_ascii=False) + "\n"
         (folder / "training.json").write_text(recipe, encoding="utf-8")
     make_shareable(folder)  # safetensors writes model.safetensors 0600
+
+
+def core_files() -> list[Path]:
+    """The modules every exported drafter carries: all of ``dflash_hf/core/`` except its package docstring."""
+    return sorted(p for p in CORE_DIR.glob("*.py") if p.name != "__init__.py")
+
+
+def write_core_files(folder: Path) -> None:
+    """Copy the core into ``folder``, replacing any older copies there (``folder`` is a staging folder)."""
+    for source in core_files():
+        shutil.copyfile(source, folder / source.name)
+
+
+def export_shipped_drafter(out_dir: str | os.PathLike | None = None) -> Path:
+    """Re-export the shipped default drafter (``hub_upload/SmolLM2-135M-Instruct-DFlash``, in place by default)
+    from its own weights, bench and recipe: how that folder's code and card are generated from the core."""
+    from ..training.default_pair import default_drafter_dir
+
+    shipped = default_drafter_dir()
+    bench = shipped.parent / f"{shipped.name}.bench.json"
+    recipe = shipped.parent / f"{shipped.name}.training.json"
+    target = Path(out_dir) if out_dir is not None else shipped.parent / f".{shipped.name}.refresh-{uuid.uuid4().hex[:8]}"
+    export_drafter(shipped, target, base_model=SHIPPED_BASE_MODEL, bench_json=bench, model_name=SHIPPED_MODEL_NAME,
+                   training_summary=json.loads(recipe.read_text()) if recipe.exists() else None)
+    if out_dir is not None:
+        return target.resolve()
+    _swap_into_place(target, shipped)  # export refuses to write over its own checkpoint, so build beside it
+    return shipped
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
@@ -517,8 +549,8 @@ def render_model_card(
     import jinja2
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
-    from .pair_dflash import max_drafts_per_step
+    from .. import __version__
+    from ..core.pair_dflash import max_drafts_per_step
 
     config = drafter.config
     name = model_name or "DFlash drafter"
@@ -559,10 +591,10 @@ def render_model_card(
 
 
 def _card_template() -> str:
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # dflash_hf/
     # The repository keeps templates in model_cards/ at its top (DESIGN §2); an installed wheel may carry them
     # inside the package instead.
-    for candidate in (here.parent / "model_cards" / CARD_TEMPLATE, here / "model_cards" / CARD_TEMPLATE):
+    for candidate in (package.parent / "model_cards" / CARD_TEMPLATE, package / "model_cards" / CARD_TEMPLATE):
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
     raise FileNotFoundError(f"model card template {CARD_TEMPLATE} not found next to the dflash_hf package.")

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text, can_plot, save_figure
-from .prompt_sources import SUITES, bench_prompts, suite_prompts
+from ..fileio import atomic_write_text, can_plot, save_figure
+from ..training.prompt_sources import SUITES, bench_prompts, suite_prompts
 
 SUITE_METHODS = ("plain", "dflash")
 SUITES_JSON = "bench_suites.json"

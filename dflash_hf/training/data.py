@@ -33,7 +33,7 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
-from .fileio import InputFileError, atomic_write_text, iter_json_objects, line_location
+from ..fileio import InputFileError, atomic_write_text, iter_json_objects, line_location
 
 _PLACEHOLDER = "\u2063DFLASH_USER_TURN\u2063"
 REGENERATION_LOG = "regeneration.jsonl"  # one line per regeneration run: sequences, tokens, seconds, tokens/s

@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from .draft_dflash import DraftSession
+from ..core.draft_dflash import DraftSession
 
 CANDIDATES = (torch.float32, torch.bfloat16)
 MARGIN = 0.9  # another dtype replaces float32 only when it drafts in under 90 % of float32's time

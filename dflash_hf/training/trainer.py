@@ -34,10 +34,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..core.draft_dflash import draft_block
+from ..core.pair_dflash import TapRecorder
+from ..fileio import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_file, atomic_write_text, make_shareable, staging_dir
 from .data import load_records, read_jsonl, response_spans
-from .fileio import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_file, atomic_write_text, make_shareable, staging_dir
-from .draft_dflash import draft_block
-from .pair_dflash import TapRecorder
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 RECIPE_FILE = "training.json"  # a run's recipe; exported drafter folders carry it too

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..fileio import atomic_write_text, can_plot, make_shareable, save_figure
 from .data import chat_prompt_ids, read_jsonl
-from .fileio import atomic_write_text, can_plot, make_shareable, save_figure
 from .traffic import ADAPT_SUMMARY, build_adapt_data, iter_heldout_requests
-from .training import (
+from .trainer import (
     RECIPE_FILE,
     TEACHER_TOPK,
     WARM_START_RECIPE,
@@ -293,7 +293,7 @@ def _data_folder(path: str | os.PathLike | None) -> Path | None:
 def _adapted_drafter(spec: AdaptSpec, target: Any, base: Any, out: Path) -> Any:
     """The base drafter fine-tuned on ``features/`` (resumed from ``checkpoints/``); saved in ``adapted-drafter/``."""
     if (out / ADAPTED / "config.json").is_file() or (out / ACCEPTED / "config.json").is_file():
-        from .modeling_dflash import DFlashDraftModel
+        from ..core.modeling_dflash import DFlashDraftModel
 
         folder = out / ACCEPTED if (out / ACCEPTED / "config.json").is_file() else out / ADAPTED
         return DFlashDraftModel.from_pretrained(folder, dtype=target.dtype).to(target.device).eval()

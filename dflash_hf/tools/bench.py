@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import chat_prompt_ids
-from .fileio import atomic_write_text, can_plot, save_figure
-from .prompt_sources import default_prompt_file, load_prompt_file  # re-exported: bench's names
-from .pair_dflash import max_drafts_per_step
-from .matmul_dflash import few_row_products, routed_linears
-from .modeling_dflash import DraftCache
-from .cache_dflash import crop_cache
-from .transformers_compat import cache_from_output, forward_cache_kwarg
+from ..core.cache_dflash import crop_cache
+from ..core.matmul_dflash import few_row_products, routed_linears
+from ..core.modeling_dflash import DraftCache
+from ..core.pair_dflash import max_drafts_per_step
+from ..core.transformers_compat import cache_from_output, forward_cache_kwarg
+from ..fileio import atomic_write_text, can_plot, save_figure
+from ..training.data import chat_prompt_ids
+from ..training.prompt_sources import default_prompt_file, load_prompt_file  # re-exported: bench's names
 
 PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens of the prompt-lookup method
 # How each method is named wherever its results are shown: the bench table and plot, and the model card.
@@ -340,7 +340,7 @@ def _prompt_row(prompt: str, prompt_runs: dict[str, MethodRun], index: int, mism
 
 def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int) -> dict:
     """What a benchmark ran on: models, machine, precision, lengths and library versions."""
-    from .machine import cpu_facts
+    from ..machine import cpu_facts
 
     return {
         "target": getattr(target.config, "name_or_path", "") or type(target).__name__,

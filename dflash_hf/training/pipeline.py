@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
+from ..core.modeling_dflash import DFlashDraftModel
+from ..fileio import atomic_write_text, make_shareable
 from .data import count_records, load_prompts, load_records, magpie_prompts, read_jsonl, regenerate
-from .fileio import atomic_write_text, make_shareable
 from .loading import input_errors_as, load_drafter, load_target
-from .modeling_dflash import DFlashDraftModel
 from .options import TRAINING_SOURCE_NAMES, train_parser
 from .prompt_sources import training_conversations
-from .training import (
+from .trainer import (
     RECIPE_FILE,
     TEACHER_TOPK,
     WARM_START_RECIPE,

@@ -46,8 +46,7 @@ from typing import Any
 
 import torch
 
-from .data import chat_ids, load_records, write_shards
-from .fileio import (
+from ..fileio import (
     PRIVATE_DIR_MODE,
     PRIVATE_FILE_MODE,
     InputFileError,
@@ -58,6 +57,7 @@ from .fileio import (
     others_can_enter,
     staging_dir,
 )
+from .data import chat_ids, load_records, write_shards
 
 logger = logging.getLogger(__name__)
 

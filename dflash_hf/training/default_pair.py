@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import make_shareable, staging_dir
+from ..fileio import make_shareable, staging_dir
 
 DEFAULT_TARGET_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_DRAFTER_NAME = "SmolLM2-135M-Instruct-DFlash"
@@ -122,7 +122,7 @@ def default_drafter_dir() -> Path:
     spec = importlib.util.find_spec("dflash_hf.default_drafter")
     if spec is not None and spec.submodule_search_locations:
         candidates.extend(Path(p) for p in spec.submodule_search_locations)
-    candidates.append(Path(__file__).resolve().parents[1] / "hub_upload" / DEFAULT_DRAFTER_NAME)
+    candidates.append(Path(__file__).resolve().parents[2] / "hub_upload" / DEFAULT_DRAFTER_NAME)  # a source checkout
     for folder in candidates:
         if (folder / "config.json").is_file():
             return folder
@@ -136,7 +136,7 @@ def load_default_pair(dtype: torch.dtype | None = None, drafter_dtype: torch.dty
     """``(target, tokenizer, drafter)``: SmolLM2-135M-Instruct and its shipped DFlash drafter, offline.
 
     The drafter takes the target's dtype unless ``drafter_dtype`` is given."""
-    from .modeling_dflash import DFlashDraftModel
+    from ..core.modeling_dflash import DFlashDraftModel
 
     target, tokenizer = load_default_target(dtype)
     drafter = DFlashDraftModel.from_pretrained(default_drafter_dir(), dtype=drafter_dtype or target.dtype).eval()

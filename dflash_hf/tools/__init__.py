@@ -1,0 +1,3 @@
+"""The tools on top of the library: benchmarks and suites, verify-cost calibration, the draft-dtype choice, and
+Hub export and publishing. The command line (``dflash_hf.cli``) parses and calls into these and the training
+layer."""
