@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import VOCAB, make_drafter, make_target
 
-from dflash_hf.tools import bench, hub
+from dflash_hf.tools import bench, model_card
 from dflash_hf.tools.bench import (
     METHOD_LABELS,
     MethodRun,
@@ -147,7 +147,7 @@ def test_the_table_the_plot_and_the_card_name_the_methods_alike():
                            for m in METHOD_LABELS},
                "lossless": True, "num_prompts": 1, "max_new_tokens": 4}
     table = bench.format_table(results)
-    card = hub._bench_view({**dict.fromkeys(hub.BENCH_KEYS), **results, "command": "dflash-hf bench"})
+    card = model_card._bench_view({**dict.fromkeys(model_card.BENCH_KEYS), **results, "command": "dflash-hf bench"})
     assert all(label in table for label in METHOD_LABELS.values())
     assert sorted(row["label"] for row in card["rows"]) == sorted(METHOD_LABELS.values())
 

@@ -25,8 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 import dflash_hf.cli as cli
 import dflash_hf.tools.bench as bench
 import dflash_hf.training.options as options
-from dflash_hf.tools import hub
 from dflash_hf.fileio import atomic_write_text, make_shareable, staging_dir
+from dflash_hf.tools import hub, model_card
 from dflash_hf.training.default_pair import converted_target_dir, default_drafter_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -476,7 +476,7 @@ def test_reexporting_the_shipped_folder_keeps_its_training_json(tmp_path):
     assert (out / "training.json").read_bytes() == (SHIPPED / "training.json").read_bytes()
     card = (out / "README.md").read_text()
     recipe = json.loads((SHIPPED / "training.json").read_text())
-    assert all(f"| {key} | {value} |" in card for key, value in hub._recipe_rows(recipe))
+    assert all(f"| {key} | {value} |" in card for key, value in model_card._recipe_rows(recipe))
 
 
 def test_an_explicit_recipe_still_wins_over_the_checkpoint_s(exported, tmp_path):

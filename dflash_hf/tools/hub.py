@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -20,255 +19,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..fileio import make_shareable, staging_dir
+from .model_card import load_bench, render_model_card
+from .serving_contract import check_serving_contract, read_config, weight_files
 
 CORE_DIR = Path(__file__).resolve().parents[1] / "core"
-CARD_TEMPLATE = "drafter_card.md.jinja"
 SHIPPED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHIPPED_MODEL_NAME = "dflash-hf/SmolLM2-135M-Instruct-DFlash"
-CARD_TAGS = ["dflash", "speculative-decoding", "block-diffusion", "draft-model"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-BENCH_KEYS = (
-    "command", "target", "drafter", "device", "dtype", "max_new_tokens", "num_prompts",
-    "transformers_version", "torch_version", "lossless", "methods",
-)
-METHOD_ORDER = ("plain", "dflash", "dflash_lookup", "prompt_lookup", "transformers_dflash")
 
 
 class HubPublishError(RuntimeError):
     """The Hub refused or failed an upload; the message never contains the token."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Serving contract (vLLM, SGLang)
-# ----------------------------------------------------------------------------------------------------------------
-# What the two servers read from a DFlash draft checkpoint. These upstream files were checked (read, not copied):
-#   vllm-project/vllm  vllm/model_executor/models/qwen3_dflash.py  (weights: no "model." prefix, the loader adds
-#                      one; fc / hidden_norm / norm / layers.*; fc input = len(taps) * target_hidden_size;
-#                      no mask_hidden tensor)
-#   vllm-project/vllm  vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py  (taps = dflash_config.target_layer_ids + 1,
-#                      but an eagle_aux_hidden_state_layer_ids key takes precedence)
-#   vllm-project/vllm  vllm/config/speculative.py, model_executor/models/registry.py
-#                      (method "dflash"; architecture "DFlashDraftModel" -> DFlashQwen3ForCausalLM; config parsed
-#                      by transformers' AutoConfig, hence model_type "qwen3")
-#   sgl-project/sglang python/sglang/srt/models/dflash.py  (EntryClass DFlashDraftModel; fc sized len(taps) *
-#                      hidden_size, i.e. target_hidden_size must equal hidden_size; silu only; unknown tensor names
-#                      are SKIPPED silently, so a renamed tensor loads as garbage instead of failing)
-#   sgl-project/sglang python/sglang/srt/speculative/dflash_utils.py  (block_size: dflash_config wins over top level;
-#                      target_layer_ids < num_target_layers, which falls back to the DRAFT's layer count if absent;
-#                      mask_token_id a non-negative int, else a "<|MASK|>" token is looked up in the tokenizer)
-_LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def check_serving_contract(folder: str | Path) -> list[str]:
-    """Problems that would stop vLLM or SGLang from loading ``folder`` as a DFlash drafter ([] = none)."""
-    folder = Path(folder)
-    config, problems = _read_config(folder)
-    if config is None:
-        return problems
-    problems += _config_contract_problems(config)
-    tensors, weight_problems = _read_tensor_shapes(folder)
-    problems += weight_problems
-    if tensors is not None and not problems:
-        # Expected shapes come from the config, so only compare them once the config itself is sound.
-        problems += _tensor_contract_problems(config, tensors)
-    return problems
-
-
-def _read_config(folder: Path) -> tuple[dict | None, list[str]]:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None, [f"{path} is missing."]
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return None, [f"{path} is not valid JSON: {err}"]
-    if not isinstance(config, dict):
-        return None, [f"{path} must hold a JSON object."]
-    return config, []
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _config_contract_problems(config: dict) -> list[str]:
-    problems: list[str] = []
-    archs = config.get("architectures")
-    if not (isinstance(archs, list) and archs and archs[0] == "DFlashDraftModel"):
-        problems.append(
-            f"architectures must be [\"DFlashDraftModel\"] (vLLM's registry and SGLang's EntryClass select the "
-            f"drafter by architectures[0]); got {archs!r}."
-        )
-    if config.get("model_type") != "qwen3":
-        problems.append(
-            f"model_type must be \"qwen3\" (vLLM and SGLang parse the draft config with transformers' AutoConfig, "
-            f"as z-lab's drafters do); got {config.get('model_type')!r}."
-        )
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not (_is_int(config.get(key)) and config[key] > 0):
-            problems.append(f"{key} must be a positive integer; got {config.get(key)!r}.")
-    if config.get("hidden_act", "silu") != "silu":
-        problems.append(
-            f"hidden_act must be \"silu\" (SGLang's DFlash MLP supports nothing else); got {config['hidden_act']!r}."
-        )
-    target_hidden = config.get("target_hidden_size")
-    if target_hidden is not None and target_hidden != config.get("hidden_size"):
-        problems.append(
-            f"target_hidden_size ({target_hidden}) differs from hidden_size ({config.get('hidden_size')}): SGLang "
-            "sizes fc as len(target_layer_ids) * hidden_size and would fail to load fc.weight."
-        )
-    problems += _dflash_config_problems(config)
-    problems += _layer_type_problems(config)
-    return problems
-
-
-def _dflash_config_problems(config: dict) -> list[str]:
-    nested = config.get("dflash_config")
-    if not isinstance(nested, dict):
-        return [
-            "dflash_config is missing or not an object: vLLM and SGLang read the drafter's target_layer_ids and "
-            "mask_token_id from config.json's dflash_config (z-lab format)."
-        ]
-    problems: list[str] = []
-    taps = nested.get("target_layer_ids")
-    taps_ok = isinstance(taps, list) and bool(taps) and all(_is_int(t) and t >= 0 for t in taps)
-    if not taps_ok:
-        problems.append(f"dflash_config.target_layer_ids must be a non-empty list of layer indices >= 0; got {taps!r}.")
-    num_target_layers = nested.get("num_target_layers", config.get("num_target_layers"))
-    if not (_is_int(num_target_layers) and num_target_layers > 0):
-        problems.append(
-            f"num_target_layers must be a positive integer (without it SGLang checks the taps against the drafter's "
-            f"own layer count); got {num_target_layers!r}."
-        )
-    elif taps_ok and max(taps) >= num_target_layers:
-        problems.append(f"dflash_config.target_layer_ids {taps} reach beyond num_target_layers={num_target_layers}.")
-    mask = nested.get("mask_token_id")
-    if not (_is_int(mask) and mask >= 0):
-        problems.append(
-            f"dflash_config.mask_token_id must be an integer >= 0 (without it SGLang looks up a '<|MASK|>' token in "
-            f"the tokenizer); got {mask!r}."
-        )
-    elif _is_int(config.get("vocab_size")) and mask >= config["vocab_size"]:
-        problems.append(
-            f"dflash_config.mask_token_id {mask} is outside the vocabulary (vocab_size={config['vocab_size']})."
-        )
-    problems += _block_size_problems(config, nested)
-    aux = config.get("eagle_aux_hidden_state_layer_ids")
-    if aux is not None and taps_ok and list(aux) != [t + 1 for t in taps]:
-        problems.append(
-            f"eagle_aux_hidden_state_layer_ids {aux} overrides dflash_config.target_layer_ids in vLLM and disagrees "
-            f"with it (expected {[t + 1 for t in taps]}, vLLM's 'before layer i+1' numbering); remove it."
-        )
-    return problems
-
-
-def _block_size_problems(config: dict, nested: dict) -> list[str]:
-    top, inner = config.get("block_size"), nested.get("block_size")
-    if top is None and inner is None:
-        return ["block_size is missing (top level, or dflash_config.block_size)."]
-    problems = [
-        f"{where} must be an integer >= 2; got {value!r}."
-        for where, value in (("block_size", top), ("dflash_config.block_size", inner))
-        if value is not None and not (_is_int(value) and value >= 2)
-    ]
-    if top is not None and inner is not None and top != inner:
-        problems.append(f"block_size ({top}) and dflash_config.block_size ({inner}) disagree; SGLang uses the latter.")
-    return problems
-
-
-def _layer_type_problems(config: dict) -> list[str]:
-    layer_types = config.get("layer_types")
-    if layer_types is None:
-        return []
-    num_layers = config.get("num_hidden_layers")
-    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
-        return [f"layer_types must list one entry per drafter layer ({num_layers}); got {layer_types!r}."]
-    problems = [f"layer_types entry {t!r} is not one of {_LAYER_TYPES}." for t in layer_types if t not in _LAYER_TYPES]
-    if "sliding_attention" in layer_types and not _is_int(config.get("sliding_window")):
-        problems.append("layer_types has sliding_attention layers but sliding_window is not an integer.")
-    return problems
-
-
-def _read_tensor_shapes(folder: Path) -> tuple[dict[str, list[int]] | None, list[str]]:
-    """Tensor name -> shape from the safetensors headers (nothing is loaded into memory)."""
-    from safetensors import safe_open
-
-    files, problems = _weight_files(folder)
-    if problems:
-        return None, problems
-    shapes: dict[str, list[int]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    shapes[name] = list(handle.get_slice(name).get_shape())
-        except Exception as err:  # a truncated or foreign file: report it, do not crash the check
-            problems.append(f"{path.name} is not a readable safetensors file: {err}")
-    return (None if problems else shapes), problems
-
-
-def _weight_files(folder: Path) -> tuple[list[Path], list[str]]:
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return [single], []
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            return [], [f"{index.name} is unreadable: {err}"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        return files, [f"{index.name} names missing shard(s) {missing}."] if missing else []
-    return [], [f"no safetensors weights in {folder} (model.safetensors or model.safetensors.index.json)."]
-
-
-def _expected_shapes(config: dict) -> dict[str, list[int]]:
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    taps = len(config["dflash_config"]["target_layer_ids"])
-    target_hidden = config.get("target_hidden_size") or hidden
-    shapes = {"fc.weight": [hidden, taps * target_hidden], "hidden_norm.weight": [hidden], "norm.weight": [hidden]}
-    projections = {
-        "self_attn.q_proj": [heads * head_dim, hidden],
-        "self_attn.k_proj": [kv_heads * head_dim, hidden],
-        "self_attn.v_proj": [kv_heads * head_dim, hidden],
-        "self_attn.o_proj": [hidden, heads * head_dim],
-    }
-    for i in range(config["num_hidden_layers"]):
-        prefix = f"layers.{i}."
-        for name, shape in projections.items():
-            shapes[f"{prefix}{name}.weight"] = shape
-            if config.get("attention_bias"):
-                shapes[f"{prefix}{name}.bias"] = [shape[0]]
-        shapes[f"{prefix}self_attn.q_norm.weight"] = [head_dim]
-        shapes[f"{prefix}self_attn.k_norm.weight"] = [head_dim]
-        shapes[f"{prefix}mlp.gate_proj.weight"] = [inter, hidden]
-        shapes[f"{prefix}mlp.up_proj.weight"] = [inter, hidden]
-        shapes[f"{prefix}mlp.down_proj.weight"] = [hidden, inter]
-        shapes[f"{prefix}input_layernorm.weight"] = [hidden]
-        shapes[f"{prefix}post_attention_layernorm.weight"] = [hidden]
-    return shapes
-
-
-def _tensor_contract_problems(config: dict, tensors: dict[str, list[int]]) -> list[str]:
-    expected = _expected_shapes(config)
-    problems = [
-        f"tensor {name} is missing (vLLM fails to load; SGLang silently leaves that weight uninitialised)."
-        for name in sorted(set(expected) - set(tensors))
-    ]
-    problems += [
-        f"unexpected tensor {name}: the format has exactly layers.*, fc, hidden_norm and norm, without a 'model.' "
-        "prefix and without embedding or LM head (vLLM rejects or repurposes unknown names, SGLang skips them)."
-        for name in sorted(set(tensors) - set(expected))
-    ]
-    problems += [
-        f"tensor {name} has shape {tensors[name]}, the config implies {shape}."
-        for name, shape in sorted(expected.items())
-        if name in tensors and tensors[name] != shape
-    ]
-    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,7 +61,7 @@ def hub_folder_problems(folder: str | Path) -> list[str]:
 
 
 def _remote_code_problems(folder: Path) -> list[str]:
-    config, problems = _read_config(folder)
+    config, problems = read_config(folder)
     if config is None:
         return []  # check_serving_contract reports the missing config
     auto_map = config.get("auto_map")
@@ -381,7 +142,7 @@ def export_drafter(
     if out_dir == checkpoint or out_dir in checkpoint.parents:
         raise ValueError(f"out_dir {out_dir} would replace the checkpoint {checkpoint}; choose another folder.")
     _check_replaceable(out_dir)
-    bench = _load_bench(Path(bench_json)) if bench_json is not None else None
+    bench = load_bench(Path(bench_json)) if bench_json is not None else None
     if training_summary is None:
         training_summary = _checkpoint_recipe(checkpoint)
     drafter = _load_checkpoint(checkpoint)
@@ -447,7 +208,7 @@ def _check_replaceable(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir} exists and is not a folder.")
     if not any(out_dir.iterdir()):
         return
-    config, _ = _read_config(out_dir)
+    config, _ = read_config(out_dir)
     if config is None or "dflash_config" not in config or not (out_dir / "README.md").is_file():
         raise FileExistsError(
             f"{out_dir} exists and does not look like an exported drafter (config.json with dflash_config and a "
@@ -463,7 +224,7 @@ def _load_checkpoint(checkpoint: Path) -> Any:
             f"{checkpoint} is not a drafter checkpoint folder: it needs config.json and model.safetensors (the "
             "format `dflash-hf train` and z-lab's DFlash repositories use)."
         )
-    if not _weight_files(checkpoint)[0]:
+    if not weight_files(checkpoint)[0]:
         pickles = sorted(p.name for p in checkpoint.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
         hint = f" It holds pickle-format weights {pickles}, which dflash-hf never loads." if pickles else ""
         raise ValueError(f"{checkpoint} has no safetensors weights (model.safetensors).{hint}")
@@ -531,177 +292,6 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         os.replace(previous, out_dir)
         raise
     shutil.rmtree(previous, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model card
-# ----------------------------------------------------------------------------------------------------------------
-def render_model_card(
-    drafter: Any,
-    *,
-    base_model: str,
-    bench: dict | None = None,
-    license: str = "apache-2.0",
-    model_name: str | None = None,
-    training_summary: dict | None = None,
-) -> str:
-    """The README.md of a drafter repository: YAML metadata plus a card whose numbers come only from ``bench``."""
-    import jinja2
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .. import __version__
-    from ..core.pair_dflash import max_drafts_per_step
-
-    config = drafter.config
-    name = model_name or "DFlash drafter"
-    card_data = ModelCardData(
-        base_model=base_model,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=list(CARD_TAGS),
-        license=license,
-        model_name=name,
-    )
-    variables = dict(
-        card_data=card_data.to_yaml(),
-        model_name=name,
-        repo_id=name if "/" in name else f"<your-org>/{name}",
-        base_model=base_model,
-        block_size=config.block_size,
-        num_drafts=config.block_size - 1,
-        drafts_per_step=max_drafts_per_step(drafter),
-        num_layers=config.num_hidden_layers,
-        target_layer_ids=list(config.target_layer_ids),
-        num_target_layers=config.num_target_layers if config.num_target_layers is not None else "?",
-        mask_token_id=config.mask_token_id,
-        hidden_size=config.hidden_size,
-        num_parameters=f"{sum(p.numel() for p in drafter.parameters()):,}",
-        dtype=str(next(drafter.parameters()).dtype).replace("torch.", ""),
-        bench=_bench_view(bench) if bench is not None else None,
-        training=_recipe_rows(training_summary or {}),
-        dflash_hf_version=__version__,
-    )
-    # Rendered here rather than by ModelCard.from_template, whose plain jinja2.Template leaves a blank line per
-    # block tag and renders a misspelt variable as an empty string; ModelCard then parses the YAML header back.
-    environment = jinja2.Environment(
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
-    )
-    content = environment.from_string(_card_template()).render(**variables)
-    return str(ModelCard(content))
-
-
-def _card_template() -> str:
-    package = Path(__file__).resolve().parents[1]  # dflash_hf/
-    # The repository keeps templates in model_cards/ at its top (DESIGN §2); an installed wheel may carry them
-    # inside the package instead.
-    for candidate in (package.parent / "model_cards" / CARD_TEMPLATE, package / "model_cards" / CARD_TEMPLATE):
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    raise FileNotFoundError(f"model card template {CARD_TEMPLATE} not found next to the dflash_hf package.")
-
-
-def _recipe_rows(summary: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """(key, value) table rows of a training recipe; a nested recipe (an earlier stage) gets prefixed keys."""
-    rows = []
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            rows += _recipe_rows(value, prefix=f"{prefix}{key} › ")
-        else:
-            rows.append((f"{prefix}{key}", _plain(value)))
-    return rows
-
-
-def _plain(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _load_bench(path: Path) -> dict:
-    """Read and check a ``dflash-hf bench`` results JSON; the card shows nothing that is not in it."""
-    try:
-        bench = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the benchmark JSON {path}: {err}") from err
-    if not isinstance(bench, dict):
-        raise ValueError(f"{path} must hold a JSON object (the output of `dflash-hf bench`).")
-    missing = [key for key in BENCH_KEYS if key not in bench]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; is it the results JSON written by `dflash-hf bench`?")
-    methods = bench["methods"]
-    if not isinstance(methods, dict) or not methods:
-        raise ValueError(f"{path}: 'methods' must map method names to results; got {methods!r}.")
-    for name, result in methods.items():
-        if not isinstance(result, dict):
-            raise ValueError(f"{path}: methods[{name!r}] must be an object; got {result!r}.")
-        for key in ("tokens_per_s", "speedup"):
-            if not _is_number(result.get(key)):
-                raise ValueError(f"{path}: methods[{name!r}][{key!r}] must be a number; got {result.get(key)!r}.")
-        mal = result.get("mean_acceptance_length")
-        if mal is not None and not _is_number(mal):
-            raise ValueError(f"{path}: methods[{name!r}]['mean_acceptance_length'] must be a number or null.")
-    return bench
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _bench_view(bench: dict) -> dict:
-    from .bench import METHOD_LABELS  # not at the top: the CLI's parser imports this module, and bench loads torch
-
-    methods = bench["methods"]
-    order = [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
-    rows = [
-        {
-            "label": METHOD_LABELS.get(m, m),
-            "tokens_per_s": f"{methods[m]['tokens_per_s']:.1f}",
-            "speedup": f"{methods[m]['speedup']:.2f}×",
-            "mean_acceptance_length": "—" if methods[m].get("mean_acceptance_length") is None
-            else f"{methods[m]['mean_acceptance_length']:.2f}",
-        }
-        for m in order
-    ]
-    command = bench["command"] or "# not recorded: the benchmark was not run through the `dflash-hf bench` command"
-    view = {key: bench[key] for key in BENCH_KEYS}
-    view.update(rows=rows, command=command, lossless=bool(bench["lossless"]), step_cost=_step_cost_view(bench),
-                suites=_suites_view(bench), cpu_model=_cpu_line(bench), drafter_dtype=bench.get("drafter_dtype"))
-    return view
-
-
-def _suites_view(bench: dict) -> list[dict]:
-    """The per-suite rows of ``dflash-hf bench --suite`` (``bench_suites.json``'s ``suites``), when the bench has them."""
-    rows = bench.get("suites")
-    if not isinstance(rows, list):
-        return []
-    return [
-        {"suite": row["suite"], "prompts": row["prompts"],
-         "mean_acceptance_length": f"{row['mean_acceptance_length']:.2f}", "speedup": f"{row['speedup']:.2f}×",
-         "lossless": f"{row['lossless_prompts']}/{row['prompts']}"}
-        for row in rows
-        if isinstance(row, dict) and _is_number(row.get("mean_acceptance_length")) and _is_number(row.get("speedup"))
-    ]
-
-
-def _cpu_line(bench: dict) -> str | None:
-    info = bench.get("cpu_info")
-    if not isinstance(info, dict) or not info.get("cpu_model"):
-        return None
-    return (f"{info['cpu_model']} (family {info.get('cpu_family')}, model {info.get('cpu_model_number')}, "
-            f"AVX512-BF16 {'yes' if info.get('avx512_bf16') else 'no'}), {bench.get('threads')} threads")
-
-
-def _step_cost_view(bench: dict) -> dict | None:
-    """The bench's per-step accounting (draft, verify, plain token, and the CPU control), when it recorded one."""
-    cost = bench.get("step_cost")
-    keys = ("draft_ms_per_step", "verify_ms_per_step", "plain_ms_per_token", "break_even_acceptance_length")
-    if not isinstance(cost, dict) or not all(_is_number(cost.get(k)) for k in keys):
-        return None
-    view = {k: f"{cost[k]:.1f}" for k in keys[:3]}
-    view["break_even"] = f"{cost['break_even_acceptance_length']:.2f}"
-    if _is_number(cost.get("two_row_forward_ms")) and _is_number(cost.get("speedup_over_two_row_decode")):
-        view["two_row_forward_ms"] = f"{cost['two_row_forward_ms']:.1f}"
-        view["speedup_over_two_row_decode"] = f"{cost['speedup_over_two_row_decode']:.2f}×"
-    return view
 
 
 # ----------------------------------------------------------------------------------------------------------------
