@@ -244,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``dflash-hf bench``: once, or once per ``--dtype`` given, then a table of the dtypes side by side."""
     dtypes = list(dict.fromkeys(args.dtype or [None]))
     if len(dtypes) == 1:
-        return _bench_one_dtype(argparse.Namespace(**{**vars(args), "dtype": dtypes[0]}))
+        return _bench_one_dtype(argparse.Namespace(**{**vars(args), "dtype": dtypes[0]}))[0]
     from .fileio import atomic_write_text
     from .tools.bench import format_dtype_comparison
 
@@ -252,10 +252,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for dtype in dtypes:
         print(f"\n== target dtype {dtype} ==", flush=True)
         one = argparse.Namespace(**{**vars(args), "dtype": dtype, "out": str(Path(args.out) / dtype)})
-        codes.append(_bench_one_dtype(one))
-        written = Path(one.out) / ("bench_suites.json" if args.suite else "bench.json")
-        if not args.suite and not args.batch_size and written.is_file():
-            by_dtype[dtype] = json.loads(written.read_text())
+        code, results = _bench_one_dtype(one)
+        codes.append(code)
+        if results is not None:
+            by_dtype[dtype] = results
     if by_dtype:
         table = format_dtype_comparison(by_dtype)
         print("\n" + table)
@@ -263,7 +263,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return max(codes)
 
 
-def _bench_one_dtype(args: argparse.Namespace) -> int:
+def _bench_one_dtype(args: argparse.Namespace) -> tuple[int, dict | None]:
+    """The bench at one target dtype: its exit code, and the methods' results (None for --suite, --batch-size)."""
     from .tools.bench import PLOT_EXTRA, can_plot
     from .tools.suites import bench_prompts, suite_prompts
 
@@ -273,7 +274,7 @@ def _bench_one_dtype(args: argparse.Namespace) -> int:
     if args.suite:
         with _reported():  # every suite's prompts before any model loads: a missing package fails at once
             suites = {name: suite_prompts(name, args.num_prompts) for name in dict.fromkeys(args.suite)}
-        return _bench_suites(args, suites)
+        return _bench_suites(args, suites), None
     with _reported():
         prompts = bench_prompts(args.prompts, limit=args.num_prompts)
     if args.batch_size and max(args.batch_size) > len(prompts):
@@ -283,7 +284,7 @@ def _bench_one_dtype(args: argparse.Namespace) -> int:
                                             args.calibration)
     _set_drafts_per_step(args, target, drafter)
     if args.batch_size:
-        return _bench_batches(args, target, tokenizer, drafter, prompts)
+        return _bench_batches(args, target, tokenizer, drafter, prompts), None
     return _bench_methods(args, target, tokenizer, drafter, prompts)
 
 
@@ -332,7 +333,8 @@ def _check_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                              "(run it as a separate dflash-hf bench)")
 
 
-def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
+def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any,
+                   prompts: list[str]) -> tuple[int, dict]:
     from .tools.bench import format_table, run_bench, sampling_acceptance, write_outputs
 
     results = run_bench(target, tokenizer, drafter, prompts, max_new_tokens=args.max_new_tokens,
@@ -349,7 +351,7 @@ def _bench_methods(args: argparse.Namespace, target: Any, tokenizer: Any, drafte
         print(f"sampling at temperature {args.sampling_temperature}: mean acceptance length {modes}")
     json_path, png_path = write_outputs(results, args.out)
     print(_wrote(json_path, png_path, "bench.png"))
-    return 0 if results["lossless"] else 1
+    return (0 if results["lossless"] else 1), results
 
 
 def _bench_batches(args: argparse.Namespace, target: Any, tokenizer: Any, drafter: Any, prompts: list[str]) -> int:
