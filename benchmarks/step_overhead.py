@@ -41,17 +41,18 @@ class ScriptedDrafts:
         self.references = references
         self.steps = 0
 
-    def propose(self, session, anchor, anchor_position, context_taps, context_positions) -> torch.Tensor:
-        rows = anchor.shape[0]
-        logits = torch.full((rows, session.max_drafts, VOCAB), -1.0)
+    def propose(self, session, anchor, anchor_position, context_taps, context_positions,
+                num_drafts=None) -> torch.Tensor:
+        rows, drafts = anchor.shape[0], num_drafts or session.max_drafts
+        logits = torch.full((rows, drafts, VOCAB), -1.0)
         for i in range(rows):
             # Rows that finished leave the batch; all rows here run to the same length, so row i stays row i.
             reference = self.references[i]
-            pos = (int(anchor_position[i]) + 1 + torch.arange(session.max_drafts)).clamp(max=reference.shape[0] - 1)
+            pos = (int(anchor_position[i]) + 1 + torch.arange(drafts)).clamp(max=reference.shape[0] - 1)
             truth = reference[pos].clone()
-            if self.steps % 3 == 2:
+            if self.steps % 3 == 2 and drafts > 1:
                 truth[1] = (truth[1] + 1) % VOCAB
-            logits[i, torch.arange(session.max_drafts), truth] = 1.0
+            logits[i, torch.arange(drafts), truth] = 1.0
         self.steps += 1
         return logits
 
