@@ -2,9 +2,8 @@
 
 ``export_drafter`` writes the folder atomically: the weights (safetensors only), config.json with ``auto_map``,
 the portable core .py files and a model card whose results come only from a ``dflash-hf bench`` JSON.
-``publish`` checks that folder and uploads it. ``check_serving_contract`` checks what vLLM's and SGLang's DFlash
-loaders read from a draft checkpoint. Export and publish both refuse a folder that would not serve there.
-"""
+``publish`` checks that folder and uploads it. Export and publish both refuse a folder that would not serve in vLLM
+or SGLang (``serving_contract.py``); the card is rendered by ``model_card.py``."""
 
 from __future__ import annotations
 
