@@ -115,14 +115,6 @@ def _machine_calibration(args: argparse.Namespace) -> Iterator[None]:
                       file=sys.stderr)
 
 
-def _chat_ids(tokenizer: Any, prompt: str, device: Any) -> Any:
-    import torch
-
-    from .training.data import chat_prompt_ids
-
-    return torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # demo, generate
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,7 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     target, tokenizer, drafter = _load_pair(args.target, args.drafter, args.dtype, args.drafter_dtype,
                                             args.calibration)
     _set_drafts_per_step(args, target, drafter)
-    ids = _chat_ids(tokenizer, args.prompt, target.device)
+    from .training.data import chat_input_ids
+
+    ids = chat_input_ids(tokenizer, args.prompt, target.device)
     sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -27,7 +27,7 @@ from ..core.modeling_dflash import DraftCache
 from ..core.pair_dflash import max_drafts_per_step
 from ..core.transformers_compat import cache_from_output, forward_cache_kwarg
 from ..fileio import atomic_write_text, can_plot, save_figure
-from ..training.data import chat_prompt_ids
+from ..training.data import chat_input_ids, chat_prompt_ids
 from ..training.prompt_sources import default_prompt_file, load_prompt_file  # re-exported: bench's names
 
 PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens of the prompt-lookup method
@@ -245,7 +245,7 @@ def run_bench(
     runners = _method_runners(methods, target, drafter)
     device = next(target.parameters()).device
     base = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    encoded = [torch.tensor([chat_prompt_ids(tokenizer, p)], device=device) for p in prompts]
+    encoded = [chat_input_ids(tokenizer, p, device) for p in prompts]
     if warmup:
         for run in runners.values():
             run(encoded[0], **{**base, "max_new_tokens": 8})
@@ -367,7 +367,7 @@ def sampling_acceptance(
 ) -> dict[str, float]:
     """Mean acceptance length of the strict and ratio sampling rules at ``temperature`` (same prompts, seeds)."""
     device = next(target.parameters()).device
-    encoded = [torch.tensor([chat_prompt_ids(tokenizer, p)], device=device) for p in prompts]
+    encoded = [chat_input_ids(tokenizer, p, device) for p in prompts]
     previous = drafter.sampling_mode
     out = {}
     try:

@@ -10,7 +10,7 @@ from transformers import TextStreamer
 
 from ..core import matmul_dflash
 from ..machine import describe_cpu
-from ..training.data import chat_prompt_ids
+from ..training.data import chat_input_ids
 from . import bench
 
 
@@ -19,7 +19,7 @@ def run_demo(target: Any, tokenizer: Any, drafter: Any, prompt: str, *, max_new_
     """Stream the answer (DFlash's warm-up), then time ``repeats`` runs of plain and DFlash; 0 when lossless."""
     print(f"Machine: {_device_line(target)}; target {_dtype_name(target.dtype)}, drafter "
           f"{_dtype_name(drafter.dtype)}\n")
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=target.device)
+    ids = chat_input_ids(tokenizer, prompt, target.device)
     common = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     plan = matmul_dflash.measured_plan()  # looked up at call time: a fresh process's plan, or a test's
     measuring_before = plan.measuring_s

@@ -268,10 +268,9 @@ def export_shipped_drafter(out_dir: str | os.PathLike | None = None) -> Path:
 
     shipped = default_drafter_dir()
     bench = shipped.parent / f"{shipped.name}.bench.json"
-    recipe = shipped.parent / f"{shipped.name}.training.json"
     target = Path(out_dir) if out_dir is not None else shipped.parent / f".{shipped.name}.refresh-{uuid.uuid4().hex[:8]}"
-    export_drafter(shipped, target, base_model=SHIPPED_BASE_MODEL, bench_json=bench, model_name=SHIPPED_MODEL_NAME,
-                   training_summary=json.loads(recipe.read_text()) if recipe.exists() else None)
+    # the recipe is the folder's own training.json, which export_drafter carries over
+    export_drafter(shipped, target, base_model=SHIPPED_BASE_MODEL, bench_json=bench, model_name=SHIPPED_MODEL_NAME)
     if out_dir is not None:
         return target.resolve()
     _swap_into_place(target, shipped)  # export refuses to write over its own checkpoint, so build beside it

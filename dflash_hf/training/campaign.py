@@ -251,11 +251,11 @@ def validation_acceptance(target: Any, tokenizer: Any, drafters: dict[str, Any],
     online in the real loop, prompt by prompt side by side; and how many outputs equal plain ``generate``."""
     from tqdm.auto import tqdm
 
-    from .data import chat_prompt_ids
+    from .data import chat_input_ids
 
     results = {name: {"lengths": [], "identical": 0} for name in drafters}
     for text in tqdm(prompts, desc="validation", unit="prompt"):
-        ids = torch.tensor([chat_prompt_ids(tokenizer, text)], device=target.device)
+        ids = chat_input_ids(tokenizer, text, target.device)
         plain = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         for name, drafter in drafters.items():
             drafter.num_speculative_tokens = None  # every draft of the block: the drafter's own quality

@@ -158,6 +158,13 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
+def chat_input_ids(tokenizer: Any, prompt: str, device: Any = None) -> "torch.Tensor":
+    """``prompt`` as one user turn in the chat template, as generate's ``input_ids``: [1, P] on ``device``."""
+    import torch
+
+    return torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
+
+
 def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
@@ -635,6 +642,7 @@ __all__ = [
     "answer_conversations",
     "atomic_write_text",
     "chat_ids",
+    "chat_input_ids",
     "chat_prompt_ids",
     "count_records",
     "data_record_problem",
