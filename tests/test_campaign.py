@@ -17,6 +17,7 @@ import dflash_hf.training.options as options
 import dflash_hf.training.prompt_sources as prompt_sources
 from dflash_hf.training.campaign import (
     append_ledger_row,
+    campaign_features,
     campaign_shards,
     committed_ids,
     cumulative,
@@ -102,6 +103,32 @@ def test_a_slice_stops_at_its_deadline_after_whole_shards(tiny_pair, tmp_path, m
                                max_new_tokens=2, batch_size=2, shard_size=2, deadline=time.time() - 1,
                                log=lambda line: None)
     assert written == 0 and not campaign_shards(tmp_path)
+
+
+def test_features_cover_every_committed_shard_in_order_and_a_rerun_extracts_only_new_ones(tiny_pair, tmp_path):
+    target, _ = tiny_pair
+    data = tmp_path / "data"
+    for k, records in enumerate((RECORDS[:1], RECORDS[1:])):
+        write_campaign_shard([{**r, "input_ids": [i % 100 for i in r["input_ids"]]} for r in records],
+                             data / f"shard-{k:05d}.safetensors.gz", {})
+    lines = []
+    folder, dtype, speeds = campaign_features(target, campaign_shards(data), tmp_path / "work", [0, 1],
+                                              native_bf16=False, log=lines.append)
+    assert dtype == torch.float32 and list(speeds) == [torch.float32] and "taps taken in float32" in lines[0]
+    assert sorted(p.name for p in folder.glob("features-*")) == ["features-00000.safetensors",
+                                                                 "features-00001.safetensors"]
+    from dflash_hf.training.trainer import FeatureDataset
+
+    second = FeatureDataset(folder, shards=[1])
+    ids, taps, prompt_len = second[0]
+    assert ids.tolist() == [i % 100 for i in RECORDS[1]["input_ids"]] and prompt_len == RECORDS[1]["prompt_len"]
+    assert taps.shape == (len(ids), 2 * target.config.hidden_size)
+    assert second.spans[0] == RECORDS[1]["response_spans"]
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("features-*")}
+    write_campaign_shard([{**RECORDS[0], "id": "c", "input_ids": [4, 5, 6, 7, 8]}], data / "shard-00002.safetensors.gz", {})
+    campaign_features(target, campaign_shards(data), tmp_path / "work", [0, 1], native_bf16=False, log=lines.append)
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("features-*")}
+    assert {k: after[k] for k in before} == before and "features-00002.safetensors" in after
 
 
 def _row(recipe, tokens, minutes, accept):

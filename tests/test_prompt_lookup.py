@@ -12,7 +12,7 @@ from test_draft_schedule import FLAT, STEEP
 
 from dflash_hf.core.draft_dflash import DraftSession
 from dflash_hf.core.lookup_dflash import LookupChooser, ngram_continuation
-from dflash_hf.core.schedule_dflash import AcceptanceProfile, DraftSchedule
+from dflash_hf.core.schedule_dflash import AcceptanceProfile, DraftSchedule, VerifyCosts
 
 
 def ids(*tokens: int) -> torch.Tensor:
@@ -87,6 +87,18 @@ def test_with_costs_a_step_of_lookups_alone_beats_paying_for_the_drafter_when_ro
     # Where rows are almost free, the drafter's block is worth running for the fresh row.
     step = _chooser(0.5, 0.95, costs=FLAT).propose([REPEATING, FRESH], room=[10, 10], drafter_drafts=7)
     assert step.run_drafter and step.lookup == [True, False]
+
+
+def test_with_costs_a_lookup_verifies_only_the_prefix_that_pays_for_its_rows():
+    # One row; 4 rows cost what 1 does, each row past them a whole plain step: at 0.9 a slot, the 4th lookup token
+    # (a 5th row) is expected to bring 0.66 of a token for another full step, so three of the four are verified.
+    dear_past_four = VerifyCosts({1: 0.010, 4: 0.010, 5: 0.020, 64: 0.61})
+    step = _chooser(0.3, 0.9, costs=dear_past_four).propose([REPEATING], room=[10], drafter_drafts=0)
+    assert step.lookup == [True] and step.tokens[0].tolist() == [3, 4, 5]
+    # Where rows are almost free, and where no costs are known, the whole continuation is verified.
+    for costs in (FLAT, None):
+        assert _chooser(0.3, 0.9, costs=costs).propose([REPEATING], room=[10], drafter_drafts=7).tokens[0].tolist() \
+            == [3, 4, 5, 1]
 
 
 def test_on_a_plain_step_a_lookup_is_taken_only_where_it_beats_plain_decoding():

@@ -131,7 +131,9 @@ class LookupChooser:
         before its length limit; drafter_drafts: what the drafter would verify this step (0: a plain step)."""
         found = [ngram_continuation(seq, self.max_ngram, min(self.num_tokens, r)) if r > 0 else (seq[:0], 0)
                  for seq, r in zip(sequences, room)]
-        tokens, ngram = [t for t, _ in found], [n for _, n in found]
+        tokens = [self._worth_verifying(t, n, len(found)) for t, n in found]
+        ngram = [n for _, n in found]
+        found = list(zip(tokens, ngram))
         gains = [self._profile(n).expected_tokens(t.numel()) if n else 1.0 for t, n in found]
         if drafter_drafts == 0:  # the drafter is not worth a step now: lookup where it beats a plain step
             use = [g > 1.0 for g in gains]
@@ -152,6 +154,17 @@ class LookupChooser:
         if self._rate(gains, tokens, alone, drafter=False) > mixed:
             return StepProposals(False, alone, tokens, ngram)
         return StepProposals(True, prefer, tokens, ngram)
+
+    def _worth_verifying(self, tokens: torch.Tensor, ngram: int, rows: int) -> torch.Tensor:
+        """The prefix of a lookup proposal with the most expected tokens per second of verification, where the loop
+        knows what rows cost: where each verified row is dear (float32 on some CPUs), the later tokens of a long
+        continuation are cut once they stop paying for their rows. Without costs, the whole proposal."""
+        if self.schedule is None or ngram == 0 or tokens.numel() <= 1:
+            return tokens
+        profile, costs = self._profile(ngram), self.schedule.costs
+        best = max(range(1, tokens.numel() + 1),
+                   key=lambda n: profile.expected_tokens(n) / costs.at(rows * (n + 1)))  # ties: the shorter
+        return tokens[:best]
 
     def _rate(self, gains: list[float], tokens: list[torch.Tensor], use: list[bool], drafter: bool,
               drafter_drafts: int = 0) -> float:

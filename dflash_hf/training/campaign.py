@@ -186,6 +186,31 @@ def has_native_bfloat16(facts: dict | None = None) -> bool:
     return bool(facts.get("avx512_bf16") or facts.get("amx_bf16"))
 
 
+def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLike, layer_ids: list[int],
+                      native_bf16: bool, log: Callable[[str], None] = print) -> tuple[Path, torch.dtype, dict]:
+    """The taps of every committed shard at ``layer_ids``, in ``work_dir/features-<dtype>``: shard k becomes
+    data-stage shard k, and extraction skips the shards already there. The taps are taken in the dtype a plain
+    forward of the target measures faster in (bfloat16 is tried only where the CPU has it natively); returns
+    ``(folder, that dtype, {dtype: tokens/s of the plain forward})``."""
+    from .trainer import extract_features
+
+    work_dir = Path(work_dir)
+    records_dir = work_dir / "data"
+    for k, shard in enumerate(shards):
+        if not (records_dir / f"shard-{k:05d}.jsonl").exists():
+            write_shards(read_campaign_shard(shard)[0], records_dir, shard_size=10**9, skip_shards=k)
+    speeds = {dtype: forward_tokens_per_s(target, dtype) for dtype in
+              ((torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,))}
+    feature_dtype = max(speeds, key=speeds.get)
+    log("features: plain forward of the target, 512 tokens: " + ", ".join(
+        f"{str(d).replace('torch.', '')} {s:.0f} tokens/s" for d, s in speeds.items())
+        + f"; taps taken in {str(feature_dtype).replace('torch.', '')}")
+    feature_model = target if feature_dtype == torch.float32 else _copy_in(target, feature_dtype)
+    folder = work_dir / f"features-{str(feature_dtype).replace('torch.', '')}"
+    extract_features(feature_model, records_dir, folder, layer_ids)
+    return folder, feature_dtype, speeds
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The ledger
 # ------------------------------------------------------------------------------------------------------------------
@@ -299,7 +324,7 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     from ..core.modeling_dflash import DFlashDraftModel
     from .default_pair import default_drafter_dir, load_default_target
     from .prompt_sources import bench_sample
-    from .trainer import FeatureDataset, TrainConfig, extract_features, train_drafter
+    from .trainer import FeatureDataset, TrainConfig, train_drafter
 
     started, wall_started = time.perf_counter(), time.time()
     deadline = wall_started + spec.time_budget_s
@@ -327,23 +352,10 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     log(f"data: {summary['shards']} shards, {summary['conversations']} conversations, "
         f"{summary['response_tokens']:,} response tokens")
 
-    # Features: the committed shards as data-stage shards (shard k -> features-k), taps in the faster dtype.
     t0 = time.perf_counter()
-    records_dir = work / "data"
-    for k, shard in enumerate(shards):
-        if not (records_dir / f"shard-{k:05d}.jsonl").exists():
-            write_shards(read_campaign_shard(shard)[0], records_dir, shard_size=10**9, skip_shards=k)
     best = DFlashDraftModel.from_pretrained(best_dir, dtype=torch.float32).eval()
-    speeds = {dtype: forward_tokens_per_s(target, dtype) for dtype in
-              ((torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,))}
-    feature_dtype = max(speeds, key=speeds.get)
-    log("features: plain forward of the target, 512 tokens: " + ", ".join(
-        f"{str(d).replace('torch.', '')} {s:.0f} tokens/s" for d, s in speeds.items())
-        + f"; taps taken in {str(feature_dtype).replace('torch.', '')}")
-    feature_model = target if feature_dtype == torch.float32 else _copy_in(target, feature_dtype)
-    folder = work / f"features-{str(feature_dtype).replace('torch.', '')}"
-    extract_features(feature_model, records_dir, folder, best.config.target_layer_ids)
-    del feature_model
+    folder, feature_dtype, speeds = campaign_features(target, shards, work, best.config.target_layer_ids,
+                                                      native_bf16, log)
     stage_s["features"] = time.perf_counter() - t0
     all_tokens = sum(len(r["input_ids"]) for s in shards for r in read_campaign_shard(s)[0])
     log(f"features: {stage_s['features'] / 60:.1f} min ({all_tokens:,} tokens; the limit above is the plain "
