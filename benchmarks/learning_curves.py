@@ -23,6 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -70,7 +71,6 @@ def main() -> None:
 
 
 def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
-    torch.manual_seed(0)
     target, _ = load_default_target(torch.float32)
     shipped = DFlashDraftModel.from_pretrained(default_drafter_dir(), dtype=torch.float32).eval()
     shards = campaign_shards(args.campaign_dir / "data")
@@ -86,22 +86,26 @@ def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
                    heldout_shards=f"{trained_on.stop}-{len(shards) - 1}", heldout_examples=len(heldout),
                    forward_tokens_per_s={str(d).replace("torch.", ""): round(s) for d, s in speeds.items()})
     references = {"shipped drafter": default_drafter_dir(), "campaign drafter": campaign_best_dir(args.campaign_dir)}
-    for name, folder_ in references.items():
-        if folder_ is not None and name not in results.get("references", {}):
-            drafter = DFlashDraftModel.from_pretrained(folder_, dtype=torch.float32).eval()
+    for name, drafter_dir in references.items():
+        if drafter_dir is not None and name not in results.get("references", {}):
+            drafter = DFlashDraftModel.from_pretrained(drafter_dir, dtype=torch.float32).eval()
             results.setdefault("references", {})[name] = proxy(drafter, target, heldout)
             print(f"{name}: {results['references'][name]}")
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+    def save() -> None:
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+    save()
     mixed = "bf16" if native_bf16 else "no"
     for name in args.rows:
         row = results["rows"].setdefault(name, {"recipe": {**RECIPES[name], "lr": args.lr, "batch_size": 4,
                                                            "init_from_target": True, "mixed_precision": mixed},
                                                 "points": []})
-        run_row(name, row, shipped, target, train_set, heldout, args, lambda: atomic_write_text(
-            path, json.dumps(results, indent=2) + "\n"))
+        run_row(name, row, shipped, target, train_set, heldout, args, save)
 
 
-def run_row(name: str, row: dict, shipped, target, train_set, heldout, args, save) -> None:
+def run_row(name: str, row: dict, shipped: DFlashDraftModel, target: Any, train_set: FeatureDataset,
+            heldout: FeatureDataset, args: argparse.Namespace, save: Callable[[], None]) -> None:
     recipe = row["recipe"]
     config = TrainConfig(steps=1, batch_size=recipe["batch_size"], num_anchors=recipe["num_anchors"],
                          lr=recipe["lr"], mixed_precision=recipe["mixed_precision"], save_every=10**9)
@@ -131,7 +135,7 @@ def run_row(name: str, row: dict, shipped, target, train_set, heldout, args, sav
               f"{point['decode_weighted_accept_len']:.3f} (position mean {point['accept_len']:.3f})", flush=True)
 
 
-def new_drafter(recipe: dict, shipped, target) -> DFlashDraftModel:
+def new_drafter(recipe: dict, shipped: DFlashDraftModel, target: Any) -> DFlashDraftModel:
     """A drafter of the row's shape with the shipped one's taps, mask token and draft vocabulary, target layers
     copied in; its initial weights are drawn from a fixed seed, the same for every call."""
     with torch.random.fork_rng(devices=[]):
@@ -148,7 +152,7 @@ def first_examples(dataset: FeatureDataset, count: int) -> FeatureDataset:
     return dataset
 
 
-def proxy(drafter, target, heldout: FeatureDataset) -> dict:
+def proxy(drafter: DFlashDraftModel, target: Any, heldout: FeatureDataset) -> dict:
     with torch.no_grad():
         result = teacher_forced_acceptance(drafter, target, heldout, num_anchors=64)
     return {key: round(result[key], 4) for key in ("decode_weighted_accept_len", "accept_len", "acc_slot1")}

@@ -4,7 +4,6 @@ solved for the minutes at which it reaches the goal, and a flat or falling one i
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
