@@ -131,10 +131,9 @@ class LookupChooser:
         before its length limit; drafter_drafts: what the drafter would verify this step (0: a plain step)."""
         found = [ngram_continuation(seq, self.max_ngram, min(self.num_tokens, r)) if r > 0 else (seq[:0], 0)
                  for seq, r in zip(sequences, room)]
-        tokens = [self._worth_verifying(t, n, len(found)) for t, n in found]
         ngram = [n for _, n in found]
-        found = list(zip(tokens, ngram))
-        gains = [self._profile(n).expected_tokens(t.numel()) if n else 1.0 for t, n in found]
+        tokens = [self._worth_verifying(t, n, len(found)) for t, n in found]
+        gains = [self._profile(n).expected_tokens(t.numel()) if n else 1.0 for t, n in zip(tokens, ngram)]
         if drafter_drafts == 0:  # the drafter is not worth a step now: lookup where it beats a plain step
             use = [g > 1.0 for g in gains]
             if self.schedule is not None and any(use):
