@@ -29,7 +29,7 @@ import torch
 
 from dflash_hf import DFlashDraftModel
 from dflash_hf.fileio import atomic_write_text, can_plot, save_figure
-from dflash_hf.machine import describe_cpu
+from dflash_hf.machine import describe_cpu, dtype_name
 from dflash_hf.training.campaign import campaign_best_dir, campaign_features, campaign_shards, has_native_bfloat16
 from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.training.trainer import FeatureDataset, TrainConfig, teacher_forced_acceptance, train_drafter
@@ -84,7 +84,7 @@ def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
     heldout = first_examples(FeatureDataset(folder, shards=range(trained_on.stop, len(shards))), args.eval_examples)
     results.update(cpu=describe_cpu(), train_shards=f"0-{trained_on.stop - 1}", train_examples=len(train_set),
                    heldout_shards=f"{trained_on.stop}-{len(shards) - 1}", heldout_examples=len(heldout),
-                   forward_tokens_per_s={str(d).replace("torch.", ""): round(s) for d, s in speeds.items()})
+                   forward_tokens_per_s={dtype_name(d): round(s) for d, s in speeds.items()})
     references = {"shipped drafter": default_drafter_dir(), "campaign drafter": campaign_best_dir(args.campaign_dir)}
     for name, drafter_dir in references.items():
         if drafter_dir is not None and name not in results.get("references", {}):

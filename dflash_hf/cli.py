@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .machine import dtype_name
 from .training.loading import input_errors_as, load_drafter, load_target, require_drafter
 from .training.options import (
     DTYPES,
@@ -86,9 +87,9 @@ def _to_fastest_dtype(target: Any, drafter: Any, calibration: Any = None) -> Non
     calibration = calibration or Calibration.load()
     dtype, timings, cached = calibration.fastest_drafter_dtype(target, drafter)
     if timings:
-        measured = ", ".join(f"{str(d).replace('torch.', '')} {1e3 * s:.1f} ms" for d, s in timings.items())
+        measured = ", ".join(f"{dtype_name(d)} {1e3 * s:.1f} ms" for d, s in timings.items())
         when = f"cached in {calibration.path}; --recalibrate measures again" if cached else "measured now"
-        print(f"dflash-hf: drafter dtype {str(dtype).replace('torch.', '')} (one draft on this machine: "
+        print(f"dflash-hf: drafter dtype {dtype_name(dtype)} (one draft on this machine: "
               f"{measured}; {when}; --drafter-dtype overrides)", file=sys.stderr)
     drafter.to(dtype)
 

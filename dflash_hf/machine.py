@@ -52,6 +52,11 @@ def describe_cpu(facts: dict | None = None) -> str:
             f"avx512_bf16 {facts['avx512_bf16']})")
 
 
+def dtype_name(dtype: object) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as logs, JSON and folder names spell it."""
+    return str(dtype).replace("torch.", "")
+
+
 def _int_or_none(text: str | None) -> int | None:
     try:
         return int(text) if text is not None else None
@@ -59,4 +64,4 @@ def _int_or_none(text: str | None) -> int | None:
         return None
 
 
-__all__ = ["REPORTED_FLAGS", "cpu_facts", "describe_cpu", "parse_cpuinfo"]
+__all__ = ["REPORTED_FLAGS", "cpu_facts", "describe_cpu", "dtype_name", "parse_cpuinfo"]

@@ -27,6 +27,7 @@ from ..core.modeling_dflash import DraftCache
 from ..core.pair_dflash import max_drafts_per_step
 from ..core.transformers_compat import cache_from_output, forward_cache_kwarg
 from ..fileio import atomic_write_text, can_plot, save_figure
+from ..machine import dtype_name
 from ..training.data import chat_input_ids, chat_prompt_ids
 from ..training.prompt_sources import default_prompt_file, load_prompt_file  # re-exported: bench's names
 
@@ -349,8 +350,8 @@ def _run_facts(target: Any, drafter: Any, max_new_tokens: int, num_prompts: int)
         "cpu": platform.processor() or platform.machine(),
         "cpu_info": cpu_facts(),  # model name, family, model, avx512_bf16 ...: what bf16 speed depends on
         "threads": torch.get_num_threads(),
-        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
-        "drafter_dtype": str(drafter.fc.weight.dtype).replace("torch.", ""),
+        "dtype": dtype_name(next(target.parameters()).dtype),
+        "drafter_dtype": dtype_name(drafter.fc.weight.dtype),
         "max_new_tokens": max_new_tokens,
         # "auto": chosen per step by cost (each run's choices are in its drafts_per_step list)
         "drafts_per_step": "auto" if getattr(drafter, "num_speculative_tokens", None) == "auto"

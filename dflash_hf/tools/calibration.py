@@ -29,7 +29,7 @@ from ..core.cache_dflash import crop_cache, has_linear_attention, uncroppable_ca
 from ..core.matmul_dflash import FewRowPlan, FewRowRecipe
 from ..core.schedule_dflash import VerifyCosts
 from ..fileio import atomic_write_text
-from ..machine import cpu_facts
+from ..machine import cpu_facts, dtype_name
 from ..training.default_pair import cache_root
 
 RECALIBRATE_ENV = "DFLASH_HF_RECALIBRATE"
@@ -68,7 +68,7 @@ def drafter_key(target: Any, drafter: Any) -> str:
     c = drafter.config
     return (f"hidden{c.hidden_size}-layers{c.num_hidden_layers}-heads{c.num_attention_heads}/"
             f"{c.num_key_value_heads}-mlp{c.intermediate_size}-block{c.block_size}-taps{c.num_taps}x"
-            f"{c.target_hidden_size}-vocab{target.config.vocab_size}-target_{str(target.dtype).replace('torch.', '')}")
+            f"{c.target_hidden_size}-vocab{target.config.vocab_size}-target_{dtype_name(target.dtype)}")
 
 
 ShapeKey = tuple[int, int, int, bool]  # FewRowPlan's key: (out features, in features, rows, has bias)
@@ -148,7 +148,7 @@ def target_key(target: Any) -> str:
     """What a target forward's cost depends on: the model, its shapes and dtype."""
     c = target.config.get_text_config()
     return (f"{type(target).__name__}-hidden{c.hidden_size}-layers{c.num_hidden_layers}-mlp"
-            f"{getattr(c, 'intermediate_size', 0)}-vocab{c.vocab_size}-{_dtype_name(target.dtype)}"
+            f"{getattr(c, 'intermediate_size', 0)}-vocab{c.vocab_size}-{dtype_name(target.dtype)}"
             f"-{target.device.type}")
 
 
@@ -228,8 +228,8 @@ class Calibration:
         self.probe_s += time.perf_counter() - started
         if timings:  # a pair with no choice measures nothing and needs no entry
             self.unsaved = True
-            self.drafter_dtypes[key] = {"dtype": _dtype_name(dtype),
-                                        "timings_ms": {_dtype_name(d): round(s * 1e3, 4) for d, s in timings.items()}}
+            self.drafter_dtypes[key] = {"dtype": dtype_name(dtype),
+                                        "timings_ms": {dtype_name(d): round(s * 1e3, 4) for d, s in timings.items()}}
         return dtype, timings, False
 
 
@@ -248,10 +248,6 @@ class Calibration:
         self.verify_ms[key] = {str(r): round(s * 1e3, 4) for r, s in costs.seconds.items()}
         self.unsaved = True
         return costs, False
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 __all__ = ["RECALIBRATE_ENV", "Calibration", "calibration_path", "drafter_key", "machine_identity",

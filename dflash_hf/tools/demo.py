@@ -9,7 +9,7 @@ import torch
 from transformers import TextStreamer
 
 from ..core import matmul_dflash
-from ..machine import describe_cpu
+from ..machine import describe_cpu, dtype_name
 from ..training.data import chat_input_ids
 from . import bench
 
@@ -17,8 +17,8 @@ from . import bench
 def run_demo(target: Any, tokenizer: Any, drafter: Any, prompt: str, *, max_new_tokens: int, repeats: int,
              calibration: Any) -> int:
     """Stream the answer (DFlash's warm-up), then time ``repeats`` runs of plain and DFlash; 0 when lossless."""
-    print(f"Machine: {_device_line(target)}; target {_dtype_name(target.dtype)}, drafter "
-          f"{_dtype_name(drafter.dtype)}\n")
+    print(f"Machine: {_device_line(target)}; target {dtype_name(target.dtype)}, drafter "
+          f"{dtype_name(drafter.dtype)}\n")
     ids = chat_input_ids(tokenizer, prompt, target.device)
     common = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     plan = matmul_dflash.measured_plan()  # looked up at call time: a fresh process's plan, or a test's
@@ -34,8 +34,8 @@ def run_demo(target: Any, tokenizer: Any, drafter: Any, prompt: str, *, max_new_
     timing_measures = plan.measuring_s
     print(f"Timing {repeats} runs of each, plain and DFlash alternating, none streamed (as dflash-hf bench "
           "times them):")
-    results = bench.run_bench(target, tokenizer, drafter, [prompt] * repeats,
-                        max_new_tokens=max_new_tokens, methods=("plain", "dflash"), warmup=False)
+    results = bench.run_bench(target, tokenizer, drafter, [prompt] * repeats, max_new_tokens=max_new_tokens,
+                              methods=("plain", "dflash"), warmup=False)
     if plan.measuring_s > timing_measures:  # not expected: the warm-ups met every shape the timed runs meet
         print(f"(the few-row plan met new products while timing: {plan.measuring_s - timing_measures:.2f} s of "
               "the timings were calibration; the next run has them cached)")
@@ -47,10 +47,6 @@ def _device_line(target: Any) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{describe_cpu()}, {torch.get_num_threads()} threads"
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _report_calibration(calibration: Any, plan: Any, plan_s: float) -> None:
@@ -87,5 +83,3 @@ def _print_demo_results(results: dict, repeats: int) -> int:
               "that accepts more, or a machine where verifying a few rows costs little more than one (see "
               "`dflash-hf bench --dtype bfloat16`), is what changes it.")
     return 0 if results["lossless"] else 1
-
-

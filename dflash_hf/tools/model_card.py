@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..machine import dtype_name
+
 CARD_TEMPLATE = "drafter_card.md.jinja"
 CARD_TAGS = ["dflash", "speculative-decoding", "block-diffusion", "draft-model"]
 BENCH_KEYS = (
@@ -57,7 +59,7 @@ def render_model_card(
         mask_token_id=config.mask_token_id,
         hidden_size=config.hidden_size,
         num_parameters=f"{sum(p.numel() for p in drafter.parameters()):,}",
-        dtype=str(next(drafter.parameters()).dtype).replace("torch.", ""),
+        dtype=dtype_name(next(drafter.parameters()).dtype),
         bench=_bench_view(bench) if bench is not None else None,
         training=_recipe_rows(training_summary or {}),
         dflash_hf_version=__version__,

@@ -36,7 +36,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..fileio import atomic_file, atomic_write_text, can_plot, save_figure
-from ..machine import cpu_facts, describe_cpu
+from ..machine import cpu_facts, describe_cpu, dtype_name
 from .data import ThroughputMeter, generate_responses, write_shards
 
 SHARD_FORMAT = "dflash-hf campaign shard 1"
@@ -129,7 +129,7 @@ def regenerate_slice(target: Any, tokenizer: Any, data_dir: str | os.PathLike, *
     # A seeded shuffle of the whole split: a larger count extends a smaller one, so slices never overlap.
     wanted = [c for c in training_conversations(source, len(done) + count, seed=0, max_turns=max_turns)
               if c["id"] not in done][:count]
-    dtype = str(next(target.parameters()).dtype).replace("torch.", "")
+    dtype = dtype_name(next(target.parameters()).dtype)
     provenance = {"source": source, "split": "train", "max_turns": max_turns, "max_new_tokens": max_new_tokens,
                   "sampling": "greedy", "target": getattr(target.config, "_name_or_path", "") or "default target",
                   "target_dtype": dtype, "engine": f"transformers {version('transformers')} generate",
@@ -203,10 +203,10 @@ def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLi
               ((torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,))}
     feature_dtype = max(speeds, key=speeds.get)
     log("features: plain forward of the target, 512 tokens: " + ", ".join(
-        f"{str(d).replace('torch.', '')} {s:.0f} tokens/s" for d, s in speeds.items())
-        + f"; taps taken in {str(feature_dtype).replace('torch.', '')}")
+        f"{dtype_name(d)} {s:.0f} tokens/s" for d, s in speeds.items())
+        + f"; taps taken in {dtype_name(feature_dtype)}")
     feature_model = target if feature_dtype == torch.float32 else _copy_in(target, feature_dtype)
-    folder = work_dir / f"features-{str(feature_dtype).replace('torch.', '')}"
+    folder = work_dir / f"features-{dtype_name(feature_dtype)}"
     extract_features(feature_model, records_dir, folder, layer_ids)
     return folder, feature_dtype, speeds
 
@@ -406,8 +406,8 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
         "session": {"steps": steps, "step_s": round(step_s, 3), "training_tokens": training_tokens,
                     "wall_minutes": round((time.perf_counter() - started) / 60, 1),
                     "stage_minutes": {k: round(v / 60, 1) for k, v in stage_s.items()},
-                    "feature_dtype": str(feature_dtype).replace("torch.", ""),
-                    "forward_tokens_per_s": {str(d).replace("torch.", ""): round(s) for d, s in speeds.items()}},
+                    "feature_dtype": dtype_name(feature_dtype),
+                    "forward_tokens_per_s": {dtype_name(d): round(s) for d, s in speeds.items()}},
         "cumulative": {k: before[k] + v for k, v in (("training_tokens", training_tokens), ("steps", steps),
                                                       ("wall_minutes", 0.0))},
         "validation": {**validation, "suite": f"sharegpt validation split, first {len(prompts)} prompts",

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..fileio import InputFileError, atomic_write_text, iter_json_objects, line_location
+from ..machine import dtype_name
 
 _PLACEHOLDER = "\u2063DFLASH_USER_TURN\u2063"
 REGENERATION_LOG = "regeneration.jsonl"  # one line per regeneration run: sequences, tokens, seconds, tokens/s
@@ -561,7 +562,7 @@ class ThroughputMeter:
 
     def summary(self, batch_size: int, target: Any, server: str | None) -> dict:
         seconds = time.perf_counter() - self.started
-        dtype = None if server else str(next(target.parameters()).dtype).replace("torch.", "")
+        dtype = None if server else dtype_name(next(target.parameters()).dtype)
         return {"turns": self.turns, "new_tokens": self.new_tokens, "seconds": round(seconds, 2),
                 "tokens_per_s": round(self.new_tokens / max(1e-9, seconds), 2), "batch_size": batch_size,
                 "dtype": dtype, "server": server}

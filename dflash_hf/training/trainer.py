@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..core.draft_dflash import draft_block
 from ..core.pair_dflash import TapRecorder
 from ..fileio import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_file, atomic_write_text, make_shareable, staging_dir
+from ..machine import dtype_name
 from .data import load_records, read_jsonl, response_spans
 
 DEFAULT_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
@@ -129,7 +130,7 @@ def extract_features(
     if private:
         os.chmod(out_dir, PRIVATE_DIR_MODE)
     meta_path = out_dir / "features.json"
-    meta = {"layer_ids": list(layer_ids), "dtype": str(dtype).replace("torch.", "")}
+    meta = {"layer_ids": list(layer_ids), "dtype": dtype_name(dtype)}
     if meta_path.exists() and json.loads(meta_path.read_text())["layer_ids"] != list(layer_ids):
         raise ValueError(f"{out_dir} holds features of other layers; use a new folder for layer_ids {layer_ids}.")
     atomic_write_text(meta_path, json.dumps(meta, indent=2), mode=file_mode)
