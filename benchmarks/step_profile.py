@@ -3,7 +3,7 @@
 Timers wrap the pieces of the decode loop (the drafter's layers, its LM head, the target's verify forward, score
 processing, acceptance, tap collection, cache crop); what the loop's own step timers count beyond them is its
 host work (commit, masks, bookkeeping). Plain ``generate`` runs the same prompts, interleaved prompt by prompt, for
-the per-token cost the step is compared against. Greedy, float32, the shipped drafter with its shipped drafts per
+the per-token cost the step is compared against. Greedy, float32 unless told, the shipped drafter with its shipped drafts per
 step. Timers add a few microseconds per wrapped call; run on an idle machine. The last line is the one-time cost of
 the few-row plan (``FewRowPlan``) in this process.
 
@@ -11,11 +11,11 @@ the few-row plan (``FewRowPlan``) in this process.
 (what the drafter did before ``output_slots``: only the verified slots need it) and prints both drafter-layer costs
 per step, measured side by side on the same prompts.
 
-``--drafter-dtype bfloat16`` profiles a bfloat16 drafter of the float32 target (what ``--drafter-dtype auto`` picks
-where it measures faster).
+``--dtype bfloat16`` profiles a bfloat16 target (and drafter); ``--drafter-dtype bfloat16`` alone profiles a
+bfloat16 drafter of the float32 target (what ``--drafter-dtype auto`` picks where it measures faster).
 
     python benchmarks/step_profile.py [--num-prompts 4] [--max-new-tokens 96] [--compare-full-block]
-        [--drafter-dtype float32|bfloat16]
+        [--dtype float32|bfloat16] [--drafter-dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import dflash_hf.core.generation_dflash as loop
 import dflash_hf.core.matmul_dflash as matmul
 from dflash_hf.core.verify_dflash import BatchProcessorView, BlockVerifier
-from dflash_hf.machine import describe_cpu
+from dflash_hf.machine import describe_cpu, dtype_name
 from dflash_hf.tools.bench import load_prompt_file
 from dflash_hf.training.data import chat_prompt_ids
 from dflash_hf.training.default_pair import load_default_pair
@@ -103,9 +103,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--compare-full-block", action="store_true",
                         help="also time the drafter with every block slot through its last layer")
-    parser.add_argument("--drafter-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the target's dtype")
+    parser.add_argument("--drafter-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="default: the target's")
     args = parser.parse_args()
-    target, tokenizer, drafter = load_default_pair(drafter_dtype=getattr(torch, args.drafter_dtype))
+    drafter_dtype = getattr(torch, args.drafter_dtype or args.dtype)
+    target, tokenizer, drafter = load_default_pair(getattr(torch, args.dtype), drafter_dtype=drafter_dtype)
     prompts = [torch.tensor([chat_prompt_ids(tokenizer, p)]) for p in load_prompt_file(None, args.num_prompts)]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     plan = matmul.measured_plan()  # the few-row plan DFlash's forwards consult: its one-time cost is printed too
@@ -160,7 +163,8 @@ def main() -> None:
     rows.append(("verify: the loop's own host work (commit, masks, stops)", verify_s - accounted))
     step_ms = 1e3 * (draft_s + verify_s) / steps
     plain_ms = 1e3 * plain_s / max(1, plain_tokens)
-    print(f"CPU: {describe_cpu()}; {torch.get_num_threads()} threads; {args.drafter_dtype} drafter; {len(prompts)} "
+    print(f"CPU: {describe_cpu()}; {torch.get_num_threads()} threads; {args.dtype} target, "
+          f"{dtype_name(drafter_dtype)} drafter; {len(prompts)} "
           f"prompts, {steps} DFlash steps, mean acceptance {sum(accepted) / steps:.2f}")
     print(f"{'piece':<58}{'ms/step':>9}{'% of step':>11}")
     for name, seconds in rows:
