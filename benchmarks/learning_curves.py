@@ -8,7 +8,7 @@ online measurement at every point would cost more than the training. Each curve 
 ``τ - 1 = c · minutes^α`` and extrapolated to the minutes it would need on this CPU to reach acceptance 2.5.
 
     python benchmarks/learning_curves.py --work-dir runs/curves --minutes 15 --points 4 \\
-        --rows layers2 layers5 block16 anchors256
+        --rows layers2 layers5 block16 anchors256 distill50
     python benchmarks/learning_curves.py --work-dir runs/curves --table   # the table and PNG of what ran
 
 Resumable: features, each row's plan (its step count, fixed by a probe the first time) and checkpoints stay in
@@ -32,7 +32,8 @@ from dflash_hf.fileio import atomic_write_text, can_plot, save_figure
 from dflash_hf.machine import describe_cpu, dtype_name
 from dflash_hf.training.campaign import campaign_best_dir, campaign_features, campaign_shards, has_native_bfloat16
 from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
-from dflash_hf.training.trainer import FeatureDataset, TrainConfig, teacher_forced_acceptance, train_drafter
+from dflash_hf.training.trainer import (
+    TEACHER_TOPK, FeatureDataset, TrainConfig, teacher_forced_acceptance, train_drafter)
 
 # Every row: 4 sequences per step, lr 6e-4 with warm-up and cosine decay over the row's steps, target layers
 # copied in; each differs from ``layers2`` in one setting.
@@ -41,6 +42,8 @@ RECIPES = {
     "layers5": {"layers": 5, "block_size": 8, "num_anchors": 64},
     "block16": {"layers": 2, "block_size": 16, "num_anchors": 64},
     "anchors256": {"layers": 2, "block_size": 8, "num_anchors": 256},
+    # half cross-entropy on the target's greedy token, half on its top-16 distribution (taken with the features)
+    "distill50": {"layers": 2, "block_size": 8, "num_anchors": 64, "distill": 0.5},
 }
 GOAL = 2.5
 
@@ -78,7 +81,9 @@ def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
         raise SystemExit(f"{args.campaign_dir}/data holds {len(shards)} shards; need more than --heldout-shards "
                          f"{args.heldout_shards}. Run `dflash-hf campaign --regenerate N` first.")
     native_bf16 = has_native_bfloat16()
-    folder, _, speeds = campaign_features(target, shards, args.work_dir, shipped.config.target_layer_ids, native_bf16)
+    teacher_top_k = TEACHER_TOPK if any(RECIPES[name].get("distill", 0) > 0 for name in args.rows) else 0
+    folder, _, speeds = campaign_features(target, shards, args.work_dir, shipped.config.target_layer_ids, native_bf16,
+                                          teacher_top_k=teacher_top_k)
     trained_on = range(0, len(shards) - args.heldout_shards)
     train_set = FeatureDataset(folder, shards=trained_on)
     heldout = first_examples(FeatureDataset(folder, shards=range(trained_on.stop, len(shards))), args.eval_examples)
@@ -108,7 +113,8 @@ def run_row(name: str, row: dict, shipped: DFlashDraftModel, target: Any, train_
             heldout: FeatureDataset, args: argparse.Namespace, save: Callable[[], None]) -> None:
     recipe = row["recipe"]
     config = TrainConfig(steps=1, batch_size=recipe["batch_size"], num_anchors=recipe["num_anchors"],
-                         lr=recipe["lr"], mixed_precision=recipe["mixed_precision"], save_every=10**9)
+                         lr=recipe["lr"], mixed_precision=recipe["mixed_precision"], save_every=10**9,
+                         distill=recipe.get("distill", 0.0))
     row_dir = args.work_dir / "rows" / name
     if "steps" not in row:  # the plan, fixed once: as many steps as the probe says fit in the row's minutes
         probe = dataclasses.replace(config, steps=3)
@@ -193,7 +199,8 @@ def print_table(results: dict) -> None:
             shown = "too few points yet"
         else:
             shown = "never (flat)" if to_goal is None else f"{to_goal:,.0f} ({to_goal / 60:,.0f} h)"
-        print(f"| {name} | {r['layers']} layers, block {r['block_size']}, {r['num_anchors']} anchors | "
+        loss = f", distill {r['distill']}" if r.get("distill") else ""
+        print(f"| {name} | {r['layers']} layers, block {r['block_size']}, {r['num_anchors']} anchors{loss} | "
               f"{points[-1]['steps'] if points else 0}/{row.get('steps', '?')} | "
               f"{points[-1]['train_minutes'] if points else 0:.1f} | "
               + " → ".join(f"{p['decode_weighted_accept_len']:.3f}" for p in points)

@@ -129,6 +129,14 @@ def test_features_cover_every_committed_shard_in_order_and_a_rerun_extracts_only
     campaign_features(target, campaign_shards(data), tmp_path / "work", [0, 1], native_bf16=False, log=lines.append)
     after = {p.name: p.stat().st_mtime_ns for p in folder.glob("features-*")}
     assert {k: after[k] for k in before} == before and "features-00002.safetensors" in after
+    assert not FeatureDataset(folder).has_teacher
+    campaign_features(target, campaign_shards(data), tmp_path / "work", [0, 1], native_bf16=False, log=lines.append,
+                      teacher_top_k=4)  # a distillation row asks later: the taps stay, the distribution is added
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("features-*")} == after
+    with_teacher = FeatureDataset(folder, shards=[1])
+    top_ids, logprobs = with_teacher.teachers[0]
+    assert top_ids.shape == logprobs.shape == (len(ids), 4)
+    assert bool((logprobs[:, :-1] >= logprobs[:, 1:]).all())  # top-k, best first
 
 
 def _row(recipe, tokens, minutes, accept):

@@ -187,11 +187,13 @@ def has_native_bfloat16(facts: dict | None = None) -> bool:
 
 
 def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLike, layer_ids: list[int],
-                      native_bf16: bool, log: Callable[[str], None] = print) -> tuple[Path, torch.dtype, dict]:
+                      native_bf16: bool, log: Callable[[str], None] = print,
+                      teacher_top_k: int = 0) -> tuple[Path, torch.dtype, dict]:
     """The taps of every committed shard at ``layer_ids``, in ``work_dir/features-<dtype>``: shard k becomes
     data-stage shard k, and extraction skips the shards already there. The taps are taken in the dtype a plain
     forward of the target measures faster in (bfloat16 is tried only where the CPU has it natively); returns
-    ``(folder, that dtype, {dtype: tokens/s of the plain forward})``."""
+    ``(folder, that dtype, {dtype: tokens/s of the plain forward})``. ``teacher_top_k`` > 0 also keeps the
+    target's top-k distribution beside each shard's taps, for distillation (``extract_features``)."""
     from .trainer import extract_features
 
     work_dir = Path(work_dir)
@@ -207,7 +209,7 @@ def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLi
         + f"; taps taken in {dtype_name(feature_dtype)}")
     feature_model = target if feature_dtype == torch.float32 else _copy_in(target, feature_dtype)
     folder = work_dir / f"features-{dtype_name(feature_dtype)}"
-    extract_features(feature_model, records_dir, folder, layer_ids)
+    extract_features(feature_model, records_dir, folder, layer_ids, teacher_top_k=teacher_top_k)
     return folder, feature_dtype, speeds
 
 
