@@ -33,7 +33,12 @@ from dflash_hf.machine import describe_cpu, dtype_name
 from dflash_hf.training.campaign import campaign_best_dir, campaign_features, campaign_shards, has_native_bfloat16
 from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.training.trainer import (
-    TEACHER_TOPK, FeatureDataset, TrainConfig, teacher_forced_acceptance, train_drafter)
+    TEACHER_TOPK,
+    FeatureDataset,
+    TrainConfig,
+    teacher_forced_acceptance,
+    train_drafter,
+)
 
 # Every row: 4 sequences per step, lr 6e-4 with warm-up and cosine decay over the row's steps, target layers
 # copied in; each differs from ``layers2`` in one setting.

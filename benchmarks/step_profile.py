@@ -3,9 +3,9 @@
 Timers wrap the pieces of the decode loop (the drafter's layers, its LM head, the target's verify forward, score
 processing, acceptance, tap collection, cache crop); what the loop's own step timers count beyond them is its
 host work (commit, masks, bookkeeping). Plain ``generate`` runs the same prompts, interleaved prompt by prompt, for
-the per-token cost the step is compared against. Greedy, float32 unless told, the shipped drafter with its shipped drafts per
-step. Timers add a few microseconds per wrapped call; run on an idle machine. The last line is the one-time cost of
-the few-row plan (``FewRowPlan``) in this process.
+the per-token cost the step is compared against. Greedy, float32 unless told, the shipped drafter with its shipped
+drafts per step. Timers add a few microseconds per wrapped call; run on an idle machine. The last line is the
+one-time cost of the few-row plan (``FewRowPlan``) in this process.
 
 ``--compare-full-block`` also decodes each prompt once more with the drafter's last layer running every block slot
 (what the drafter did before ``output_slots``: only the verified slots need it) and prints both drafter-layer costs
