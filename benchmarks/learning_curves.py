@@ -204,8 +204,8 @@ def print_table(results: dict) -> None:
             shown = "too few points yet"
         else:
             shown = "never (flat)" if to_goal is None else f"{to_goal:,.0f} ({to_goal / 60:,.0f} h)"
-        loss = f", distill {r['distill']}" if r.get("distill") else ""
-        print(f"| {name} | {r['layers']} layers, block {r['block_size']}, {r['num_anchors']} anchors{loss} | "
+        distill_note = f", distill {r['distill']}" if r.get("distill") else ""
+        print(f"| {name} | {r['layers']} layers, block {r['block_size']}, {r['num_anchors']} anchors{distill_note} | "
               f"{points[-1]['steps'] if points else 0}/{row.get('steps', '?')} | "
               f"{points[-1]['train_minutes'] if points else 0:.1f} | "
               + " → ".join(f"{p['decode_weighted_accept_len']:.3f}" for p in points)
