@@ -2,7 +2,8 @@
 
 Each row trains a NEW drafter from the same start (target layers copied in, ``init_from_target``) on the same
 committed campaign data for the same wall minutes on this CPU, and is measured at evenly spaced points along the
-way on conversations no row trains on (the last ``--heldout-shards`` campaign shards): the decode-weighted
+way on conversations no row trains on (the last ``--heldout-shards`` ShareGPT shards, and the last chit-chat
+shard where the campaign holds two or more): the decode-weighted
 teacher-forced acceptance, the proxy the README shows agrees with online acceptance (1.373 against 1.417), since an
 online measurement at every point would cost more than the training. Each curve is then fitted as the power law
 ``τ - 1 = c · minutes^α`` and extrapolated to the minutes it would need on this CPU to reach acceptance 2.5.
@@ -30,7 +31,13 @@ import torch
 from dflash_hf import DFlashDraftModel
 from dflash_hf.fileio import atomic_write_text, can_plot, save_figure
 from dflash_hf.machine import describe_cpu, dtype_name
-from dflash_hf.training.campaign import campaign_best_dir, campaign_features, campaign_shards, has_native_bfloat16
+from dflash_hf.training.campaign import (
+    campaign_best_dir,
+    campaign_features,
+    campaign_shards,
+    has_native_bfloat16,
+    read_campaign_shard,
+)
 from dflash_hf.training.default_pair import default_drafter_dir, load_default_target
 from dflash_hf.training.trainer import (
     TEACHER_TOPK,
@@ -49,6 +56,8 @@ RECIPES = {
     "anchors256": {"layers": 2, "block_size": 8, "num_anchors": 256},
     # half cross-entropy on the target's greedy token, half on its top-16 distribution (taken with the features)
     "distill50": {"layers": 2, "block_size": 8, "num_anchors": 64, "distill": 0.5},
+    # the data source: ShareGPT's training shards plus every chit-chat shard (`dflash-hf campaign --source chitchat`)
+    "chitchat": {"layers": 2, "block_size": 8, "num_anchors": 64, "data": "sharegpt+chitchat"},
 }
 GOAL = 2.5
 
@@ -82,25 +91,35 @@ def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
     target, _ = load_default_target(torch.float32)
     shipped = DFlashDraftModel.from_pretrained(default_drafter_dir(), dtype=torch.float32).eval()
     shards = campaign_shards(args.campaign_dir / "data")
-    if len(shards) <= args.heldout_shards:
-        raise SystemExit(f"{args.campaign_dir}/data holds {len(shards)} shards; need more than --heldout-shards "
-                         f"{args.heldout_shards}. Run `dflash-hf campaign --regenerate N` first.")
+    split = split_shards([read_campaign_shard(shard)[1].get("source", "sharegpt") for shard in shards],
+                         args.heldout_shards)
     native_bf16 = has_native_bfloat16()
     teacher_top_k = TEACHER_TOPK if any(RECIPES[name].get("distill", 0) > 0 for name in args.rows) else 0
     folder, _, speeds = campaign_features(target, shards, args.work_dir, shipped.config.target_layer_ids, native_bf16,
                                           teacher_top_k=teacher_top_k)
-    trained_on = range(0, len(shards) - args.heldout_shards)
-    train_set = FeatureDataset(folder, shards=trained_on)
-    heldout = first_examples(FeatureDataset(folder, shards=range(trained_on.stop, len(shards))), args.eval_examples)
-    results.update(cpu=describe_cpu(), train_shards=f"0-{trained_on.stop - 1}", train_examples=len(train_set),
-                   heldout_shards=f"{trained_on.stop}-{len(shards) - 1}", heldout_examples=len(heldout),
+    train_sets = {data: FeatureDataset(folder, shards=numbers) for data, numbers in split["train"].items()
+                  if any(RECIPES[name].get("data", "sharegpt") == data for name in args.rows)}
+    heldout = {source: first_examples(FeatureDataset(folder, shards=numbers), args.eval_examples)
+               for source, numbers in split["heldout"].items()}
+    results.update(cpu=describe_cpu(), train_shards=shard_ranges(split["train"]["sharegpt"]),
+                   train_examples={data: len(dataset) for data, dataset in train_sets.items()},
+                   heldout_shards=shard_ranges(split["heldout"]["sharegpt"]),
+                   heldout_examples=len(heldout["sharegpt"]),
                    forward_tokens_per_s={dtype_name(d): round(s) for d, s in speeds.items()})
+    if "chitchat" in heldout:
+        results.update(chitchat_heldout_shards=shard_ranges(split["heldout"]["chitchat"]),
+                       chitchat_heldout_examples=len(heldout["chitchat"]))
     references = {"shipped drafter": default_drafter_dir(), "campaign drafter": campaign_best_dir(args.campaign_dir)}
     for name, drafter_dir in references.items():
-        if drafter_dir is not None and name not in results.get("references", {}):
-            drafter = DFlashDraftModel.from_pretrained(drafter_dir, dtype=torch.float32).eval()
-            results.setdefault("references", {})[name] = proxy(drafter, target, heldout)
-            print(f"{name}: {results['references'][name]}")
+        if drafter_dir is not None:
+            measured = results.setdefault("references", {}).setdefault(name, {})
+            drafter = None
+            for source, examples in heldout.items():
+                key = "" if source == "sharegpt" else f"{source}_"
+                if f"{key}decode_weighted_accept_len" not in measured:
+                    drafter = drafter or DFlashDraftModel.from_pretrained(drafter_dir, dtype=torch.float32).eval()
+                    measured.update(proxy(drafter, target, examples, prefix=key))
+            print(f"{name}: {measured}")
 
     def save() -> None:
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
@@ -108,14 +127,53 @@ def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
     save()
     mixed = "bf16" if native_bf16 else "no"
     for name in args.rows:
-        row = results["rows"].setdefault(name, {"recipe": {**RECIPES[name], "lr": args.lr, "batch_size": 4,
+        recipe = RECIPES[name]
+        if recipe.get("data", "sharegpt") not in train_sets:
+            raise SystemExit(f"row {name} trains on {recipe['data']}, but {args.campaign_dir}/data holds no "
+                             f"{recipe['data'].split('+')[-1]} shard; run `dflash-hf campaign --source "
+                             f"{recipe['data'].split('+')[-1]} --regenerate N` first.")
+        row = results["rows"].setdefault(name, {"recipe": {**recipe, "lr": args.lr, "batch_size": 4,
                                                            "init_from_target": True, "mixed_precision": mixed},
                                                 "points": []})
-        run_row(name, row, shipped, target, train_set, heldout, args, save)
+        run_row(name, row, shipped, target, train_sets[recipe.get("data", "sharegpt")], heldout, args, save)
+
+
+def split_shards(sources: list[str], heldout_shards: int) -> dict:
+    """Which campaign shards (by number) each kind of row trains on and which are measured, from each shard's
+    source: ``{"train": {"sharegpt": [...], "sharegpt+chitchat": [...]}, "heldout": {"sharegpt": [...],
+    "chitchat": [...]}}``. The last ``heldout_shards`` ShareGPT shards are held out, so a chit-chat slice committed
+    after them leaves the held-out set (and its anchors, drawn by shard number) as it was; the last chit-chat shard
+    is held out too where there are two or more. Rows on ShareGPT alone never see a chit-chat shard."""
+    by_source: dict[str, list[int]] = {}
+    for number, source in enumerate(sources):
+        by_source.setdefault(source, []).append(number)
+    sharegpt = by_source.get("sharegpt", [])
+    if len(sharegpt) <= heldout_shards:
+        raise SystemExit(f"the campaign holds {len(sharegpt)} ShareGPT shards; need more than --heldout-shards "
+                         f"{heldout_shards}. Run `dflash-hf campaign --regenerate N` first.")
+    train = {"sharegpt": sharegpt[:-heldout_shards]}
+    heldout = {"sharegpt": sharegpt[-heldout_shards:]}
+    chitchat = by_source.get("chitchat", [])
+    if chitchat:
+        if len(chitchat) >= 2:
+            chitchat, heldout["chitchat"] = chitchat[:-1], chitchat[-1:]
+        train["sharegpt+chitchat"] = sorted(train["sharegpt"] + chitchat)
+    return {"train": train, "heldout": heldout}
+
+
+def shard_ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def run_row(name: str, row: dict, shipped: DFlashDraftModel, target: Any, train_set: FeatureDataset,
-            heldout: FeatureDataset, args: argparse.Namespace, save: Callable[[], None]) -> None:
+            heldout: dict[str, FeatureDataset], args: argparse.Namespace, save: Callable[[], None]) -> None:
     recipe = row["recipe"]
     config = TrainConfig(steps=1, batch_size=recipe["batch_size"], num_anchors=recipe["num_anchors"],
                          lr=recipe["lr"], mixed_precision=recipe["mixed_precision"], save_every=10**9,
@@ -139,7 +197,7 @@ def run_row(name: str, row: dict, shipped: DFlashDraftModel, target: Any, train_
         done = row["points"][-1]["train_minutes"] if row["points"] else 0.0
         point = {"steps": end, "train_minutes": round(done + (time.perf_counter() - started) / 60, 2),
                  "supervised_tokens": end * blocks_per_step * (recipe["block_size"] - 1),
-                 **proxy(drafter, target, heldout)}
+                 **measure(drafter, target, heldout)}
         row["points"].append(point)
         save()
         print(f"{name}: step {end}/{steps}, {point['train_minutes']:.1f} min: decode-weighted τ "
@@ -163,10 +221,16 @@ def first_examples(dataset: FeatureDataset, count: int) -> FeatureDataset:
     return dataset
 
 
-def proxy(drafter: DFlashDraftModel, target: Any, heldout: FeatureDataset) -> dict:
+def proxy(drafter: DFlashDraftModel, target: Any, heldout: FeatureDataset, prefix: str = "") -> dict:
     with torch.no_grad():
         result = teacher_forced_acceptance(drafter, target, heldout, num_anchors=64)
-    return {key: round(result[key], 4) for key in ("decode_weighted_accept_len", "accept_len", "acc_slot1")}
+    return {prefix + key: round(result[key], 4) for key in ("decode_weighted_accept_len", "accept_len", "acc_slot1")}
+
+
+def measure(drafter: DFlashDraftModel, target: Any, heldout: dict[str, FeatureDataset]) -> dict:
+    """The proxy on every held-out set: ShareGPT's keys bare, the others' prefixed by their source."""
+    return {key: value for source, examples in heldout.items()
+            for key, value in proxy(drafter, target, examples, "" if source == "sharegpt" else f"{source}_").items()}
 
 
 def extrapolate(points: list[dict]) -> dict:
@@ -191,11 +255,18 @@ def extrapolate(points: list[dict]) -> dict:
 def print_table(results: dict) -> None:
     print(f"\nheld out: shards {results.get('heldout_shards')}, {results.get('heldout_examples')} conversations; "
           f"CPU: {results.get('cpu')}")
+    chitchat = "chitchat_heldout_shards" in results
+    if chitchat:
+        print(f"chit-chat held out: shards {results['chitchat_heldout_shards']}, "
+              f"{results['chitchat_heldout_examples']} conversations")
     for name, ref in results.get("references", {}).items():
-        print(f"  {name}: decode-weighted τ {ref['decode_weighted_accept_len']:.3f}")
+        print(f"  {name}: decode-weighted τ {ref['decode_weighted_accept_len']:.3f}"
+              + (f" (chit-chat {ref['chitchat_decode_weighted_accept_len']:.3f})"
+                 if "chitchat_decode_weighted_accept_len" in ref else ""))
+    extra_head, extra_rule = (" chit-chat τ, last point |", "---|") if chitchat else ("", "")
     print("| row | recipe | steps | train min | decode-weighted τ at each point | α in τ - 1 ∝ minutes^α | "
-          f"minutes to τ {GOAL} on this CPU (extrapolated) |")
-    print("|---|---|---|---|---|---|---|")
+          f"minutes to τ {GOAL} on this CPU (extrapolated) |{extra_head}")
+    print("|---|---|---|---|---|---|---|" + extra_rule)
     for name, row in results["rows"].items():
         r, points = row["recipe"], row["points"]
         fit = extrapolate(points)
@@ -204,12 +275,16 @@ def print_table(results: dict) -> None:
             shown = "too few points yet"
         else:
             shown = "never (flat)" if to_goal is None else f"{to_goal:,.0f} ({to_goal / 60:,.0f} h)"
-        distill_note = f", distill {r['distill']}" if r.get("distill") else ""
-        print(f"| {name} | {r['layers']} layers, block {r['block_size']}, {r['num_anchors']} anchors{distill_note} | "
+        notes = (f", distill {r['distill']}" if r.get("distill") else "") + (f", {r['data']}" if r.get("data") else "")
+        extra = ""
+        if chitchat:
+            last = points[-1].get("chitchat_decode_weighted_accept_len") if points else None
+            extra = f" {last:.3f} |" if last is not None else " not measured |"
+        print(f"| {name} | {r['layers']} layers, block {r['block_size']}, {r['num_anchors']} anchors{notes} | "
               f"{points[-1]['steps'] if points else 0}/{row.get('steps', '?')} | "
               f"{points[-1]['train_minutes'] if points else 0:.1f} | "
               + " → ".join(f"{p['decode_weighted_accept_len']:.3f}" for p in points)
-              + f" | {fit['exponent']} | {shown} |")
+              + f" | {fit['exponent']} | {shown} |{extra}")
 
 
 def plot_curves(results: dict, path: Path) -> bool:

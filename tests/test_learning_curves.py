@@ -38,3 +38,24 @@ def test_points_without_any_gain_and_a_single_point_are_not_a_curve(curves):
     nothing = {"exponent": None, "minutes_to_goal": None}
     assert curves.extrapolate(_points(lambda m: 1.4, minutes=(3,))) == nothing
     assert curves.extrapolate(_points(lambda m: 1.0 if m < 16 else 1.2)) == nothing  # one point above 1
+
+
+def test_held_out_shards_stay_put_when_a_chitchat_slice_is_committed_after_them(curves):
+    before = curves.split_shards(["sharegpt"] * 4, heldout_shards=1)
+    assert before == {"train": {"sharegpt": [0, 1, 2]}, "heldout": {"sharegpt": [3]}}
+    after = curves.split_shards(["sharegpt"] * 4 + ["chitchat"] * 3, heldout_shards=1)
+    assert after["heldout"] == {"sharegpt": [3], "chitchat": [6]}
+    assert after["train"] == {"sharegpt": [0, 1, 2], "sharegpt+chitchat": [0, 1, 2, 4, 5]}
+    one_chitchat = curves.split_shards(["sharegpt", "chitchat", "sharegpt"], heldout_shards=1)
+    assert one_chitchat["heldout"] == {"sharegpt": [2]}  # a single chit-chat shard is trained on, not held out
+    assert one_chitchat["train"]["sharegpt+chitchat"] == [0, 1]
+
+
+def test_too_few_sharegpt_shards_are_refused_with_the_way_out(curves):
+    with pytest.raises(SystemExit, match="campaign --regenerate"):
+        curves.split_shards(["sharegpt", "chitchat", "chitchat"], heldout_shards=1)
+
+
+def test_shard_ranges_are_written_compactly(curves):
+    assert curves.shard_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert curves.shard_ranges([21]) == "21"
