@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dflash_hf.cli as cli
+import dflash_hf.training.data as data_module
 import dflash_hf.training.options as options
 import dflash_hf.training.prompt_sources as sources
 from dflash_hf.machine import describe_cpu, parse_cpuinfo
@@ -166,19 +167,22 @@ def test_no_test_conversation_is_ever_trained_on(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Multi-turn regeneration
 # ---------------------------------------------------------------------------------------------------------------
-class GenerateSpy:
-    """Wraps ``target.generate``: records the unpadded rows of every call; can fail on the n-th call."""
+class AnswerSpy:
+    """Wraps greedy regeneration's batch loop (``data.greedy_with_retirement``): records the unpadded rows of every
+    batch it answers; can fail on the n-th batch. ``restore()`` puts the loop back."""
 
-    def __init__(self, target, fail_on_call: int | None = None) -> None:
-        self.inner, self.calls, self.fail_on_call = target.generate, [], fail_on_call
-        target.generate = self
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.inner, self.calls, self.fail_on_call = data_module.greedy_with_retirement, [], fail_on_call
+        data_module.greedy_with_retirement = self
 
-    def __call__(self, ids, attention_mask=None, **kwargs):
+    def __call__(self, target, ids, mask, *args, **kwargs):
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise KeyboardInterrupt("interrupted by the test")
-        rows = [row[mask.bool()].tolist() for row, mask in zip(ids, attention_mask)]
-        self.calls.append(rows)
-        return self.inner(ids, attention_mask=attention_mask, **kwargs)
+        self.calls.append([row[m.bool()].tolist() for row, m in zip(ids, mask)])
+        return self.inner(target, ids, mask, *args, **kwargs)
+
+    def restore(self) -> None:
+        data_module.greedy_with_retirement = self.inner
 
 
 def greedy_answer(target, tokenizer, ids: list[int], new: int) -> list[int]:
@@ -194,9 +198,11 @@ def test_each_assistant_turn_is_conditioned_on_the_target_s_own_earlier_answers(
     path.write_text(json.dumps([sharegpt_record("conv_0", "Hi there", "Tell me more"),
                                 sharegpt_record("solo_0", "One question only")]))
     conversations = load_sharegpt(path).conversations
-    spy = GenerateSpy(target)
-    records = list(generate_responses(target, tokenizer, conversations, max_new_tokens=6, batch_size=2))
-    target.generate = spy.inner
+    spy = AnswerSpy()
+    try:
+        records = list(generate_responses(target, tokenizer, conversations, max_new_tokens=6, batch_size=2))
+    finally:
+        spy.restore()
 
     first_ids = chat_ids(tokenizer, [{"role": "user", "content": "Hi there"}])
     first_answer = greedy_answer(target, tokenizer, first_ids, 6)  # the target alone, no batching
@@ -218,6 +224,53 @@ def test_each_assistant_turn_is_conditioned_on_the_target_s_own_earlier_answers(
     solo = records[1]
     assert solo["input_ids"] == chat_ids(tokenizer, [{"role": "user", "content": "One question only"}]) + \
         greedy_answer(target, tokenizer, solo["input_ids"][: solo["prompt_len"]], 6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_rows_leave_the_batch_when_they_finish_and_the_answers_stay_generate_s(family):
+    """Prompts of three lengths, left-padded in one batch; the stop token is one the target writes early in one row
+    and late or never in the others, so rows finish at different steps and the batch shrinks as they do."""
+    target = make_target(family)
+    prompts = [[5, 9, 11, 3, 7, 21, 2], [8, 1], [30, 31, 32, 33]]
+    free = [target.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]
+    stop = free[0][2]  # row 0 stops at its third token
+    assert any(stop not in row[:6] for row in free[1:]), "the test needs a row that outlives row 0"
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    shrinking = data_module.greedy_with_retirement(target, ids, mask, 12, [stop])
+    for prompt, answer in zip(prompts, shrinking):
+        alone = target.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+        expected = alone[: alone.index(stop) + 1] if stop in alone else alone
+        assert answer == expected
+    assert len(shrinking[0]) == 3 and shrinking[0][-1] == stop
+    batched = target.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stop,
+                              pad_token_id=0)[:, width:].tolist()
+    for row, answer in zip(batched, shrinking):  # and generate's own padded batch agrees
+        assert answer == (row[: row.index(stop) + 1] if stop in row else row)
+    assert data_module.greedy_with_retirement(target, ids, mask, 0, [stop]) == [[], [], []]
+
+
+def test_generation_settings_that_change_greedy_leave_regeneration_to_generate(tokenizer):
+    from transformers import GenerationConfig
+
+    assert data_module.greedy_is_argmax(GenerationConfig(eos_token_id=3, max_new_tokens=9, temperature=0.7))
+    for setting in ({"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 4},
+                    {"suppress_tokens": [5]}):
+        assert not data_module.greedy_is_argmax(GenerationConfig(**setting)), setting
+    target = make_target("llama")
+    target.generation_config.repetition_penalty = 1.5
+    spy = AnswerSpy()
+    try:
+        records = list(generate_responses(target, tokenizer, ["hello there", "hi"], max_new_tokens=6, batch_size=2))
+    finally:
+        spy.restore()
+    assert spy.calls == []  # generate answered, with the penalty
+    for prompt, record in zip(["hello there", "hi"], records):
+        ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+        assert record["input_ids"] == ids + greedy_answer(target, tokenizer, ids, 6)
 
 
 def test_single_turn_prompts_keep_the_original_record_format(tokenizer):
@@ -245,17 +298,21 @@ def test_interrupted_multi_turn_regeneration_resumes_to_the_same_records(tokeniz
 
     # Windows of 2 conversations: c0+c1 take calls 1-2 (turns 1, 2) and are written; c2+c3 fail at call 5 (c2's
     # third turn), after 6 answered turns, so their shard is not written.
-    spy = GenerateSpy(target, fail_on_call=5)
-    with pytest.raises(KeyboardInterrupt):
-        regenerate(target, tokenizer, conversations_for_resume(), tmp_path / "run", **kwargs)
-    target.generate = spy.inner
+    spy = AnswerSpy(fail_on_call=5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            regenerate(target, tokenizer, conversations_for_resume(), tmp_path / "run", **kwargs)
+    finally:
+        spy.restore()
     assert [p.name for p in sorted((tmp_path / "run").glob("shard-*"))] == ["shard-00000.jsonl"]
     log = [json.loads(line) for line in (tmp_path / "run" / "regeneration.jsonl").read_text().splitlines()]
     assert log[0]["turns"] == 6 and log[0]["new_tokens"] > 0 and log[0]["tokens_per_s"] > 0
 
-    spy = GenerateSpy(target)
-    regenerate(target, tokenizer, conversations_for_resume(), tmp_path / "run", **kwargs)
-    target.generate = spy.inner
+    spy = AnswerSpy()
+    try:
+        regenerate(target, tokenizer, conversations_for_resume(), tmp_path / "run", **kwargs)
+    finally:
+        spy.restore()
     assert load_records(tmp_path / "run") == whole
     assert all("question 0" not in tokenizer.decode(row) for call in spy.calls for row in call)  # not redone
     assert regenerate(target, tokenizer, conversations_for_resume(), tmp_path / "run", **kwargs) == 0

@@ -265,18 +265,30 @@ def answer_conversations(
     return [c.record() for c in conversations]
 
 
+BATCH_LOOPS = ("auto", "generate")
+
+
 def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int,
-                    assistant_model: Any) -> Callable:
-    """Batched ``generate`` on left-padded rows (greedy when ``temperature`` is 0)."""
+                    assistant_model: Any, batch_loop: str = "auto") -> Callable:
+    """Batched greedy or sampled answers to left-padded rows: ``generate``, or for plain greedy decoding (no
+    drafter, a generation config whose greedy choice is the argmax) under ``batch_loop="auto"``, the loop that
+    retires finished rows (``greedy_with_retirement``)."""
+    if batch_loop not in BATCH_LOOPS:
+        raise ValueError(f"batch_loop must be one of {BATCH_LOOPS}, got {batch_loop!r}.")
     eos = _eos_ids(target, tokenizer)
     pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+
+    retire = (batch_loop == "auto" and temperature == 0 and assistant_model is None
+              and greedy_is_argmax(target.generation_config))
 
     @torch.no_grad()
     def answer(messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list[tuple[list[int], None]]:
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=target.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=target.device)
+        if retire:
+            return [(row, None) for row in greedy_with_retirement(target, ids, mask, max_new_tokens, eos)]
         torch.manual_seed(seed + seed_offset)
         out = target.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
                               assistant_model=assistant_model, **sampling)
@@ -289,6 +301,65 @@ def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperatur
     return answer
 
 
+# Generation settings that change greedy decoding's choice away from the argmax of the logits. Where the target's
+# generation config sets any of them, regeneration leaves greedy decoding to ``generate``.
+_GREEDY_CHANGING = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+                    "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                    "min_length", "min_new_tokens", "sequence_bias", "exponential_decay_length_penalty",
+                    "stop_strings", "num_beams", "max_time", "watermarking_config", "guidance_scale")
+
+
+def greedy_is_argmax(generation_config: Any) -> bool:
+    """Whether ``generate(do_sample=False)`` under ``generation_config`` takes the argmax of every step's logits
+    (no penalty, ban, forced or minimum-length token, beam or stop string)."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    return all(getattr(generation_config, name, None) == getattr(default, name, None) for name in _GREEDY_CHANGING)
+
+
+@torch.no_grad()
+def greedy_with_retirement(target: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                           eos: list[int]) -> list[list[int]]:
+    """Greedy answers to a left-padded batch (``ids``, ``mask``: [B, W]), each up to its first EOS (kept) or
+    ``max_new_tokens``. A row leaves the batch, and its cache rows with it, the step it finishes, so the rows still
+    writing never pay for the finished ones: with answers of uneven length (most conversations), a batch costs
+    what its live rows cost instead of B rows until the longest answer ends. The tokens are ``generate``'s greedy
+    ones under the same numerics (positions from the mask as ``generate`` takes them); only the batch a step runs
+    in shrinks, as a plain batch of fewer rows would."""
+    from transformers import DynamicCache
+
+    from ..core.cache_dflash import select_cache_rows
+    from ..core.transformers_compat import forward_cache_kwarg
+
+    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    if max_new_tokens < 1:
+        return answers
+    stop = torch.tensor(eos, device=ids.device)
+    live = torch.arange(ids.shape[0], device=ids.device)  # batch row -> answer index
+    cache = DynamicCache(config=target.config)
+    with_cache = {forward_cache_kwarg(target): cache, "use_cache": True}
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    logits = target(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                    **with_cache).logits[:, -1]
+    for step in range(max_new_tokens):
+        tokens = logits.argmax(-1)  # [live rows]
+        for row, token in zip(live.tolist(), tokens.tolist()):
+            answers[row].append(token)
+        going = ~torch.isin(tokens, stop)
+        if step + 1 == max_new_tokens or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            select_cache_rows(cache, keep)
+            live, tokens, mask = live[keep], tokens[keep], mask[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        position = mask.long().sum(-1, keepdim=True) - 1
+        logits = target(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                        **with_cache).logits[:, -1]
+    return answers
+
+
 def generate_responses(
     target: Any,
     tokenizer: Any,
@@ -299,15 +370,17 @@ def generate_responses(
     seed: int = 0,
     assistant_model: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    batch_loop: str = "auto",
 ) -> Iterator[dict]:
     """Yield one record per prompt with the target's own responses (greedy when ``temperature`` is 0).
 
     A string is one user turn; a conversation dict has every turn answered in the context of the target's own
     earlier answers (see ``answer_conversations``). ``assistant_model``: a DFlash drafter of this target, to
     regenerate with batched DFlash (the same greedy responses, or responses with the same distribution when
-    sampling, sooner).
+    sampling, sooner). ``batch_loop``: ``"auto"`` answers plain greedy batches with ``greedy_with_retirement``
+    (rows leave the batch as they finish), ``"generate"`` always calls ``generate``.
     """
-    answer = _local_answerer(target, tokenizer, max_new_tokens, temperature, seed, assistant_model)
+    answer = _local_answerer(target, tokenizer, max_new_tokens, temperature, seed, assistant_model, batch_loop)
     yield from answer_conversations(tokenizer, prompts, answer, batch_size, progress)
 
 
@@ -636,6 +709,7 @@ def load_records(data_dir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
+    "BATCH_LOOPS",
     "OpenAIClient",
     "OpenAIServerError",
     "REGENERATION_LOG",
@@ -648,6 +722,8 @@ __all__ = [
     "count_records",
     "data_record_problem",
     "generate_responses",
+    "greedy_is_argmax",
+    "greedy_with_retirement",
     "load_prompts",
     "load_records",
     "magpie_prompts",
