@@ -1,5 +1,6 @@
-"""Local regeneration, the two batch loops side by side: ``generate`` on a padded batch (every row computed until
-the longest answer ends) against the loop that retires rows as they finish (``greedy_with_retirement``).
+"""Local regeneration, the two batch loops side by side: ``generate`` on padded batches (every row computed until
+its batch's longest answer ends) against continuous batching (``greedy_continuous``: rows leave as they finish
+and waiting ones join).
 
 Both answer the same conversations of a training source's train split (the campaign's seeded order, from
 ``--skip`` on) with the default target in one dtype, batch by batch, on the same CPU in the same run; the loops
@@ -24,7 +25,7 @@ from dflash_hf.training.data import generate_responses
 from dflash_hf.training.default_pair import load_default_target
 from dflash_hf.training.prompt_sources import TRAINING_SOURCES, training_conversations
 
-LOOPS = {"generate": "generate", "retire": "auto"}
+LOOPS = {"generate": "generate", "continuous": "auto"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,18 +57,18 @@ def main() -> None:
                                                     batch_size=args.batch_size, batch_loop=loop))
             seconds[name] += time.perf_counter() - started
             tokens[name] += sum(end - start for r in answers[name] for start, end in r["response_spans"])
-        identical += sum(a["input_ids"] == b["input_ids"] for a, b in zip(answers["generate"], answers["retire"]))
+        identical += sum(a["input_ids"] == b["input_ids"] for a, b in zip(answers["generate"], answers["continuous"]))
         rates = {name: tokens[name] / seconds[name] for name in LOOPS}
         print(f"{first + len(chunk)}/{len(conversations)} conversations: generate {rates['generate']:.0f} tokens/s, "
-              f"retire {rates['retire']:.0f} tokens/s", flush=True)
+              f"continuous {rates['continuous']:.0f} tokens/s", flush=True)
     rates = {name: tokens[name] / seconds[name] for name in LOOPS}
     result = {"cpu": describe_cpu(), "source": args.source, "conversations": len(conversations),
               "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
               "tokens": tokens, "seconds": {k: round(v, 1) for k, v in seconds.items()},
               "tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
-              "speedup": round(rates["retire"] / rates["generate"], 3), "identical": identical}
+              "speedup": round(rates["continuous"] / rates["generate"], 3), "identical": identical}
     print(f"\n{describe_cpu()}; {args.source}, {len(conversations)} conversations, batch {args.batch_size}, "
-          f"{args.dtype}: generate {rates['generate']:.0f} tokens/s, retiring rows {rates['retire']:.0f} tokens/s "
+          f"{args.dtype}: generate {rates['generate']:.0f} tokens/s, continuous batching {rates['continuous']:.0f} tokens/s "
           f"({result['speedup']:.2f}x); identical answers {identical}/{len(conversations)}")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, make_drafter, make_target
+from conftest import COMMON, VOCAB, make_drafter, make_target
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -168,21 +168,21 @@ def test_no_test_conversation_is_ever_trained_on(tmp_path, monkeypatch):
 # Multi-turn regeneration
 # ---------------------------------------------------------------------------------------------------------------
 class AnswerSpy:
-    """Wraps greedy regeneration's batch loop (``data.greedy_with_retirement``): records the unpadded rows of every
-    batch it answers; can fail on the n-th batch. ``restore()`` puts the loop back."""
+    """Wraps greedy regeneration's loop (``data.greedy_continuous``): records the prompts of every call (one per
+    turn); can fail on the n-th call. ``restore()`` puts the loop back."""
 
     def __init__(self, fail_on_call: int | None = None) -> None:
-        self.inner, self.calls, self.fail_on_call = data_module.greedy_with_retirement, [], fail_on_call
-        data_module.greedy_with_retirement = self
+        self.inner, self.calls, self.fail_on_call = data_module.greedy_continuous, [], fail_on_call
+        data_module.greedy_continuous = self
 
-    def __call__(self, target, ids, mask, *args, **kwargs):
+    def __call__(self, target, prompts, *args, **kwargs):
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise KeyboardInterrupt("interrupted by the test")
-        self.calls.append([row[m.bool()].tolist() for row, m in zip(ids, mask)])
-        return self.inner(target, ids, mask, *args, **kwargs)
+        self.calls.append([list(p) for p in prompts])
+        return self.inner(target, prompts, *args, **kwargs)
 
     def restore(self) -> None:
-        data_module.greedy_with_retirement = self.inner
+        data_module.greedy_continuous = self.inner
 
 
 def greedy_answer(target, tokenizer, ids: list[int], new: int) -> list[int]:
@@ -226,31 +226,58 @@ def test_each_assistant_turn_is_conditioned_on_the_target_s_own_earlier_answers(
         greedy_answer(target, tokenizer, solo["input_ids"][: solo["prompt_len"]], 6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_rows_leave_the_batch_when_they_finish_and_the_answers_stay_generate_s(family):
-    """Prompts of three lengths, left-padded in one batch; the stop token is one the target writes early in one row
-    and late or never in the others, so rows finish at different steps and the batch shrinks as they do."""
-    target = make_target(family)
-    prompts = [[5, 9, 11, 3, 7, 21, 2], [8, 1], [30, 31, 32, 33]]
+def _windowed_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=3, layer_types=["sliding_attention", "full_attention"] * 2, **COMMON)
+    model = Qwen3ForCausalLM(config).to(torch.float64).eval()
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "windowed qwen3"])
+@pytest.mark.parametrize("batch_size", [4, 2, 1])
+def test_rows_retire_and_waiting_ones_join_and_the_answers_stay_generate_s(family, batch_size, monkeypatch):
+    """Prompts of four lengths; the stop token is one the target writes early in one row and late or never in the
+    others, so rows finish at different steps: with 4 in flight the batch only shrinks, with 2 or 1 the waiting
+    prompts join as rows leave (spliced into the running batch, or after it empties where a layer has a sliding
+    window). Every answer is what ``generate`` writes for that prompt alone, and in its own padded batch."""
+    target = _windowed_qwen3() if family == "windowed qwen3" else make_target(family)
+    prompts = [[5, 9, 11, 3, 7, 21, 2], [8, 1], [30, 31, 32, 33], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
     free = [target.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
             for p in prompts]
     stop = free[0][2]  # row 0 stops at its third token
-    assert any(stop not in row[:6] for row in free[1:]), "the test needs a row that outlives row 0"
+    assert sum(stop not in row[:6] for row in free[1:]) >= 2, "the test needs rows that outlive row 0"
+    finished, merges = [], []
+    merge = data_module._LiveBatch.merge
+    monkeypatch.setattr(data_module._LiveBatch, "merge", lambda self, other: merges.append(other.rows) or
+                        merge(self, other))
+    pooled = data_module.greedy_continuous(target, prompts, 12, [stop], batch_size,
+                                           progress=lambda rows, tokens: finished.append((rows, tokens)))
+    if family != "windowed qwen3" and batch_size == 2:
+        assert merges  # a waiting prompt joined a running batch
+    else:  # a sliding window cannot be spliced into; 4 in flight leave nobody waiting; 1 is never running beside
+        assert merges == []
+    for prompt, answer in zip(prompts, pooled):
+        alone = target.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+        assert answer == (alone[: alone.index(stop) + 1] if stop in alone else alone)
+    assert len(pooled[0]) == 3 and pooled[0][-1] == stop
+    assert sum(rows for rows, _ in finished) == 4 and sum(t for _, t in finished) == sum(map(len, pooled))
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    shrinking = data_module.greedy_with_retirement(target, ids, mask, 12, [stop])
-    for prompt, answer in zip(prompts, shrinking):
-        alone = target.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
-                                pad_token_id=0)[0, len(prompt):].tolist()
-        expected = alone[: alone.index(stop) + 1] if stop in alone else alone
-        assert answer == expected
-    assert len(shrinking[0]) == 3 and shrinking[0][-1] == stop
     batched = target.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stop,
                               pad_token_id=0)[:, width:].tolist()
-    for row, answer in zip(batched, shrinking):  # and generate's own padded batch agrees
+    for row, answer in zip(batched, pooled):
         assert answer == (row[: row.index(stop) + 1] if stop in row else row)
-    assert data_module.greedy_with_retirement(target, ids, mask, 0, [stop]) == [[], [], []]
+    assert data_module.greedy_continuous(target, prompts, 0, [stop], batch_size) == [[], [], [], []]
+
+
+def test_the_continuous_loop_refuses_an_empty_batch():
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        data_module.greedy_continuous(make_target("llama"), [[1, 2]], 4, [3], batch_size=0)
 
 
 def test_generation_settings_that_change_greedy_leave_regeneration_to_generate(tokenizer):

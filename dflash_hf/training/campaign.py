@@ -130,7 +130,7 @@ def regenerate_slice(target: Any, tokenizer: Any, data_dir: str | os.PathLike, *
     wanted = [c for c in training_conversations(source, len(done) + count, seed=0, max_turns=max_turns)
               if c["id"] not in done][:count]
     dtype = dtype_name(next(target.parameters()).dtype)
-    loop = "forward, greedy with row retirement" if greedy_is_argmax(target.generation_config) else "generate"
+    loop = "forward, continuous batching" if greedy_is_argmax(target.generation_config) else "generate"
     provenance = {"source": source, "split": "train", "max_turns": max_turns, "max_new_tokens": max_new_tokens,
                   "sampling": "greedy", "target": getattr(target.config, "_name_or_path", "") or "default target",
                   "target_dtype": dtype, "engine": f"transformers {version('transformers')} {loop}",

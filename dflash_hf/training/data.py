@@ -269,26 +269,17 @@ BATCH_LOOPS = ("auto", "generate")
 
 
 def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int,
-                    assistant_model: Any, batch_loop: str = "auto") -> Callable:
-    """Batched greedy or sampled answers to left-padded rows: ``generate``, or for plain greedy decoding (no
-    drafter, a generation config whose greedy choice is the argmax) under ``batch_loop="auto"``, the loop that
-    retires finished rows (``greedy_with_retirement``)."""
-    if batch_loop not in BATCH_LOOPS:
-        raise ValueError(f"batch_loop must be one of {BATCH_LOOPS}, got {batch_loop!r}.")
+                    assistant_model: Any) -> Callable:
+    """Batched ``generate`` on left-padded rows (greedy when ``temperature`` is 0)."""
     eos = _eos_ids(target, tokenizer)
     pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-
-    retire = (batch_loop == "auto" and temperature == 0 and assistant_model is None
-              and greedy_is_argmax(target.generation_config))
 
     @torch.no_grad()
     def answer(messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list[tuple[list[int], None]]:
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=target.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=target.device)
-        if retire:
-            return [(row, None) for row in greedy_with_retirement(target, ids, mask, max_new_tokens, eos)]
         torch.manual_seed(seed + seed_offset)
         out = target.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
                               assistant_model=assistant_model, **sampling)
@@ -297,6 +288,19 @@ def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperatur
             stop = next((i for i, t in enumerate(row) if t in eos), None)
             answers.append((row if stop is None else row[: stop + 1], None))
         return answers
+
+    return answer
+
+
+def _continuous_answerer(target: Any, tokenizer: Any, max_new_tokens: int, batch_size: int,
+                         progress: Callable[[int, int], None] | None) -> Callable:
+    """Plain greedy answers to every row it is given, ``batch_size`` in flight (``greedy_continuous``)."""
+    eos = _eos_ids(target, tokenizer)
+    pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+    def answer(messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list[tuple[list[int], None]]:
+        return [(row, None) for row in greedy_continuous(target, encoded, max_new_tokens, eos, batch_size, pad,
+                                                         progress)]
 
     return answer
 
@@ -319,45 +323,123 @@ def greedy_is_argmax(generation_config: Any) -> bool:
 
 
 @torch.no_grad()
-def greedy_with_retirement(target: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                           eos: list[int]) -> list[list[int]]:
-    """Greedy answers to a left-padded batch (``ids``, ``mask``: [B, W]), each up to its first EOS (kept) or
-    ``max_new_tokens``. A row leaves the batch, and its cache rows with it, the step it finishes, so the rows still
-    writing never pay for the finished ones: with answers of uneven length (most conversations), a batch costs
-    what its live rows cost instead of B rows until the longest answer ends. The tokens are ``generate``'s greedy
-    ones under the same numerics (positions from the mask as ``generate`` takes them); only the batch a step runs
-    in shrinks, as a plain batch of fewer rows would."""
-    from transformers import DynamicCache
+def greedy_continuous(target: Any, prompts: list[list[int]], max_new_tokens: int, eos: list[int], batch_size: int,
+                      pad: int = 0, progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Greedy answers to ``prompts`` (token ids), each up to its first EOS (kept) or ``max_new_tokens``, decoded
+    with at most ``batch_size`` rows in flight, continuous-batching style: a row leaves the batch (its cache rows
+    with it) the step it finishes, and once a quarter of the batch is free the next waiting prompts are prefilled
+    and join it, left-padded to the same cache length. So a batch costs what its live rows cost, instead of
+    ``batch_size`` rows until its longest answer ends. Prompts join in the order given (give them sorted by
+    length, so that rows padded together are alike).
 
-    from ..core.cache_dflash import select_cache_rows
-    from ..core.transformers_compat import forward_cache_kwarg
-
-    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    The tokens are ``generate``'s greedy ones under the same numerics (positions from the padding mask, as
+    ``generate`` takes them); only the rows a step runs beside change, as in a plain batch of other rows. Where the
+    target's cache has layers other than plain full attention (sliding windows, linear attention), rows still
+    retire but new ones wait for the batch to empty. ``progress(rows, new_tokens)`` is called as rows finish."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    answers: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens < 1:
         return answers
-    stop = torch.tensor(eos, device=ids.device)
-    live = torch.arange(ids.shape[0], device=ids.device)  # batch row -> answer index
-    cache = DynamicCache(config=target.config)
-    with_cache = {forward_cache_kwarg(target): cache, "use_cache": True}
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    logits = target(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
-                    **with_cache).logits[:, -1]
-    for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)  # [live rows]
-        for row, token in zip(live.tolist(), tokens.tolist()):
+    stop = torch.tensor(eos, device=target.device)
+    waiting = list(range(len(prompts)))
+    batch: _LiveBatch | None = None
+    while waiting or batch is not None:
+        free = batch_size - (batch.rows if batch is not None else 0)
+        if waiting and (batch is None or (batch.mergeable and free >= max(1, batch_size // 4))):
+            joining, waiting = waiting[:free], waiting[free:]
+            fresh = _LiveBatch.prefill(target, [prompts[i] for i in joining], joining, pad)
+            batch = fresh if batch is None else batch.merge(fresh)
+        tokens = batch.logits.argmax(-1)  # [live rows]
+        for row, token in zip(batch.owners.tolist(), tokens.tolist()):
             answers[row].append(token)
-        going = ~torch.isin(tokens, stop)
-        if step + 1 == max_new_tokens or not going.any():
-            break
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
-            select_cache_rows(cache, keep)
-            live, tokens, mask = live[keep], tokens[keep], mask[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        position = mask.long().sum(-1, keepdim=True) - 1
-        logits = target(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                        **with_cache).logits[:, -1]
+        finished = torch.isin(tokens, stop)
+        finished |= torch.tensor([len(answers[row]) >= max_new_tokens for row in batch.owners.tolist()],
+                                 device=finished.device)
+        if progress is not None and finished.any():
+            done = batch.owners[finished].tolist()
+            progress(len(done), sum(len(answers[row]) for row in done))
+        batch = batch.step(target, tokens, keep=(~finished).nonzero().squeeze(1))
     return answers
+
+
+class _LiveBatch:
+    """The rows ``greedy_continuous`` has in flight: their cache, padding mask [R, T], which prompt each row
+    answers (``owners`` [R]) and the logits of their next token [R, V]."""
+
+    def __init__(self, target: Any, cache: Any, mask: torch.Tensor, owners: torch.Tensor,
+                 logits: torch.Tensor) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        from ..core.transformers_compat import forward_cache_kwarg
+
+        self.cache, self.mask, self.owners, self.logits = cache, mask, owners, logits
+        self.forward_kwargs = {forward_cache_kwarg(target): cache, "use_cache": True}
+        # rows can be spliced in only where every layer is a plain growing key/value store
+        self.mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    @property
+    def rows(self) -> int:
+        return self.owners.numel()
+
+    @classmethod
+    def prefill(cls, target: Any, prompts: list[list[int]], owners: list[int], pad: int) -> "_LiveBatch":
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device)
+        cache = DynamicCache(config=target.config)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        batch = cls(target, cache, mask, torch.tensor(owners, device=target.device), None)
+        batch.logits = target(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                              **batch.forward_kwargs).logits[:, -1]
+        return batch
+
+    def merge(self, other: "_LiveBatch") -> "_LiveBatch":
+        """These rows and ``other``'s in one batch, each side's cache left-padded to the longer one (keys carry
+        their rotary positions, so where a slot sits does not matter; padding slots are masked)."""
+        self._trim_padding()
+        length = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])  # [R, kv_heads, T, d]
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.owners = torch.cat([self.owners, other.owners])
+        self.logits = torch.cat([self.logits, other.logits])
+        return self
+
+    def _trim_padding(self) -> None:
+        """Drop leading slots that no live row uses (the long prompts that needed them have finished)."""
+        unused = int((self.mask.sum(0) == 0).cumprod(0).sum())
+        if unused:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+    def step(self, target: Any, tokens: torch.Tensor, keep: torch.Tensor) -> "_LiveBatch | None":
+        """Keep rows ``keep`` and decode their ``tokens`` [R]; None when no row is left."""
+        from ..core.cache_dflash import select_cache_rows
+
+        if keep.numel() == 0:
+            return None
+        if keep.numel() < self.rows:
+            select_cache_rows(self.cache, keep)
+            self.mask, self.owners, tokens = self.mask[keep], self.owners[keep], tokens[keep]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        position = self.mask.long().sum(-1, keepdim=True) - 1
+        self.logits = target(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=position,
+                             **self.forward_kwargs).logits[:, -1]
+        return self
 
 
 def generate_responses(
@@ -377,10 +459,19 @@ def generate_responses(
     A string is one user turn; a conversation dict has every turn answered in the context of the target's own
     earlier answers (see ``answer_conversations``). ``assistant_model``: a DFlash drafter of this target, to
     regenerate with batched DFlash (the same greedy responses, or responses with the same distribution when
-    sampling, sooner). ``batch_loop``: ``"auto"`` answers plain greedy batches with ``greedy_with_retirement``
-    (rows leave the batch as they finish), ``"generate"`` always calls ``generate``.
+    sampling, sooner). ``batch_loop``: ``"auto"`` answers plain greedy decoding with ``greedy_continuous`` (rows
+    leave the batch as they finish and waiting ones join it), ``"generate"`` always calls ``generate`` on batches
+    of ``batch_size``.
     """
-    answer = _local_answerer(target, tokenizer, max_new_tokens, temperature, seed, assistant_model, batch_loop)
+    if batch_loop not in BATCH_LOOPS:
+        raise ValueError(f"batch_loop must be one of {BATCH_LOOPS}, got {batch_loop!r}.")
+    if (batch_loop == "auto" and temperature == 0 and assistant_model is None
+            and greedy_is_argmax(target.generation_config)):
+        answer = _continuous_answerer(target, tokenizer, max_new_tokens, batch_size, progress)
+        # One call per turn: the pool, not the batch, keeps batch_size rows in flight.
+        yield from answer_conversations(tokenizer, prompts, answer, batch_size=max(1, len(prompts)))
+        return
+    answer = _local_answerer(target, tokenizer, max_new_tokens, temperature, seed, assistant_model)
     yield from answer_conversations(tokenizer, prompts, answer, batch_size, progress)
 
 
@@ -722,8 +813,8 @@ __all__ = [
     "count_records",
     "data_record_problem",
     "generate_responses",
+    "greedy_continuous",
     "greedy_is_argmax",
-    "greedy_with_retirement",
     "load_prompts",
     "load_records",
     "magpie_prompts",
