@@ -19,6 +19,7 @@ from dflash_hf.training.campaign import (
     append_ledger_row,
     campaign_features,
     campaign_shards,
+    choose_taps,
     committed_ids,
     cumulative,
     data_summary,
@@ -137,6 +138,52 @@ def test_features_cover_every_committed_shard_in_order_and_a_rerun_extracts_only
     top_ids, logprobs = with_teacher.teachers[0]
     assert top_ids.shape == logprobs.shape == (len(ids), 4)
     assert bool((logprobs[:, :-1] >= logprobs[:, 1:]).all())  # top-k, best first
+
+
+def test_taps_on_the_fly_are_the_extracted_features_and_train_the_same_drafter(tiny_pair, tmp_path):
+    from dflash_hf import DFlashDraftModel
+    from dflash_hf.training.trainer import FeatureDataset, TapsOnTheFly, TrainConfig, train_drafter
+
+    target, _ = tiny_pair
+    data = tmp_path / "data"
+    shards = [[{**RECORDS[1], "input_ids": [i % 100 for i in RECORDS[1]["input_ids"]]}],
+              [{**r, "id": f"x{k}", "input_ids": [(i * 7 + k) % 100 for i in r["input_ids"]]}
+               for k, r in enumerate(RECORDS * 2)] + [{"id": "short", "input_ids": [1, 2, 3], "prompt_len": 2}]]
+    for k, records in enumerate(shards):
+        write_campaign_shard(records, data / f"shard-{k:05d}.safetensors.gz", {})
+    folder, _, _ = campaign_features(target, campaign_shards(data), tmp_path / "work", [0, 1], native_bf16=False,
+                                     log=lambda line: None)
+    extracted = FeatureDataset(folder)
+    fly = TapsOnTheFly(target, {k: read_campaign_shard(path)[0] for k, path in enumerate(campaign_shards(data))},
+                       [0, 1])
+    assert len(fly) == len(extracted) == 5  # the 1-token answer is left out by both
+    assert fly.spans == extracted.spans and fly.sources == extracted.sources and not fly.has_teacher
+    for index in range(len(fly)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's autocast never reaches the taps
+            ids, taps, prompt_len = fly[index]
+        want_ids, want_taps, want_len = extracted[index]
+        assert torch.equal(ids, want_ids) and prompt_len == want_len
+        assert taps.dtype == want_taps.dtype == torch.float16 and torch.equal(taps, want_taps)
+    assert fly.tap_seconds > 0
+
+    trained = []
+    for dataset in (extracted, fly):
+        torch.manual_seed(3)
+        drafter = DFlashDraftModel.from_target(target, num_hidden_layers=1, block_size=4, target_layer_ids=[0, 1])
+        train_drafter(drafter, target, dataset, tmp_path / f"run-{len(trained)}",
+                      TrainConfig(steps=3, batch_size=2, num_anchors=2, save_every=10**9), resume=False)
+        trained.append(drafter.state_dict())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def test_taps_are_taken_on_the_fly_when_extracting_them_all_costs_more_steps():
+    # 10 min to train, 1 s a step of which 0.4 s is taps: extracting for 5 min leaves 300 s / 0.6 s = 500 steps,
+    # against 600 on the fly; extracting for 2 min leaves 800 steps.
+    assert choose_taps(extract_s=300, train_s=600, step_s=1.0, tap_s=0.4) == ("on the fly", 600)
+    assert choose_taps(extract_s=120, train_s=600, step_s=1.0, tap_s=0.4) == ("features", 800)
+    assert choose_taps(extract_s=0, train_s=600, step_s=1.0, tap_s=0.4) == ("features", 1000)  # already extracted
+    assert choose_taps(extract_s=900, train_s=600, step_s=1.0, tap_s=0.4) == ("on the fly", 600)
+    assert choose_taps(extract_s=240, train_s=600, step_s=1.0, tap_s=0.4) == ("features", 600)  # a tie: extract
 
 
 def _row(recipe, tokens, minutes, accept):

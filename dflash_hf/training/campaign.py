@@ -187,13 +187,22 @@ def has_native_bfloat16(facts: dict | None = None) -> bool:
     return bool(facts.get("avx512_bf16") or facts.get("amx_bf16"))
 
 
+def feature_dtype_by_speed(target: Any, native_bf16: bool) -> tuple[torch.dtype, dict]:
+    """The dtype a plain forward of the target measures faster in (bfloat16 is tried only where the CPU has it
+    natively) and ``{dtype: tokens/s}`` of that forward: where the taps are taken, and the limit they are held to."""
+    speeds = {dtype: forward_tokens_per_s(target, dtype) for dtype in
+              ((torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,))}
+    return max(speeds, key=speeds.get), speeds
+
+
 def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLike, layer_ids: list[int],
                       native_bf16: bool, log: Callable[[str], None] = print,
-                      teacher_top_k: int = 0) -> tuple[Path, torch.dtype, dict]:
+                      teacher_top_k: int = 0, measured: tuple[torch.dtype, dict] | None = None,
+                      ) -> tuple[Path, torch.dtype, dict]:
     """The taps of every committed shard at ``layer_ids``, in ``work_dir/features-<dtype>``: shard k becomes
     data-stage shard k, and extraction skips the shards already there. The taps are taken in the dtype a plain
-    forward of the target measures faster in (bfloat16 is tried only where the CPU has it natively); returns
-    ``(folder, that dtype, {dtype: tokens/s of the plain forward})``. ``teacher_top_k`` > 0 also keeps the
+    forward of the target measures faster in (``feature_dtype_by_speed``, unless ``measured`` gives its answer);
+    returns ``(folder, that dtype, {dtype: tokens/s of the plain forward})``. ``teacher_top_k`` > 0 also keeps the
     target's top-k distribution beside each shard's taps, for distillation (``extract_features``)."""
     from .trainer import extract_features
 
@@ -202,9 +211,7 @@ def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLi
     for k, shard in enumerate(shards):
         if not (records_dir / f"shard-{k:05d}.jsonl").exists():
             write_shards(read_campaign_shard(shard)[0], records_dir, shard_size=10**9, skip_shards=k)
-    speeds = {dtype: forward_tokens_per_s(target, dtype) for dtype in
-              ((torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,))}
-    feature_dtype = max(speeds, key=speeds.get)
+    feature_dtype, speeds = measured or feature_dtype_by_speed(target, native_bf16)
     log("features: plain forward of the target, 512 tokens: " + ", ".join(
         f"{dtype_name(d)} {s:.0f} tokens/s" for d, s in speeds.items())
         + f"; taps taken in {dtype_name(feature_dtype)}")
@@ -212,6 +219,16 @@ def campaign_features(target: Any, shards: list[Path], work_dir: str | os.PathLi
     folder = work_dir / f"features-{dtype_name(feature_dtype)}"
     extract_features(feature_model, records_dir, folder, layer_ids, teacher_top_k=teacher_top_k)
     return folder, feature_dtype, speeds
+
+
+def choose_taps(extract_s: float, train_s: float, step_s: float, tap_s: float) -> tuple[str, int]:
+    """Where a session's taps come from, and the steps that then fit in ``train_s`` seconds: ``"features"``
+    (extract every record first, ``extract_s``, then steps of ``step_s - tap_s``) or ``"on the fly"`` (steps of
+    ``step_s``, each taking its own sequences' taps, ``tap_s`` of it), whichever trains more steps. Extracting wins
+    ties: its files serve a later session on the same machine."""
+    with_features = max(0, int((train_s - extract_s) / max(step_s - tap_s, 1e-9)))
+    on_the_fly = max(0, int(train_s / step_s))
+    return ("on the fly", on_the_fly) if on_the_fly > with_features else ("features", with_features)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -327,7 +344,7 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     from ..core.modeling_dflash import DFlashDraftModel
     from .default_pair import default_drafter_dir, load_default_target
     from .prompt_sources import bench_sample
-    from .trainer import FeatureDataset, TrainConfig, train_drafter
+    from .trainer import FeatureDataset, TapsOnTheFly, TrainConfig, train_drafter
 
     started, wall_started = time.perf_counter(), time.time()
     deadline = wall_started + spec.time_budget_s
@@ -355,35 +372,55 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     log(f"data: {summary['shards']} shards, {summary['conversations']} conversations, "
         f"{summary['response_tokens']:,} response tokens")
 
-    t0 = time.perf_counter()
+    # Taps: extract every record first, or take each drawn sequence's taps as training draws it, whichever trains
+    # more steps in this session (a new machine has no features; extracting them all can cost more than the
+    # forwards of the sequences a session draws).
     best = DFlashDraftModel.from_pretrained(best_dir, dtype=torch.float32).eval()
-    folder, feature_dtype, speeds = campaign_features(target, shards, work, best.config.target_layer_ids,
-                                                      native_bf16, log)
-    stage_s["features"] = time.perf_counter() - t0
-    all_tokens = sum(len(r["input_ids"]) for s in shards for r in read_campaign_shard(s)[0])
-    log(f"features: {stage_s['features'] / 60:.1f} min ({all_tokens:,} tokens; the limit above is the plain "
-        "forward's rate: extraction skips shards it already holds)")
-
-    # Training: warm-started from the best drafter, as many steps as fit before the evaluation reserve.
-    dataset = FeatureDataset(folder)
-    drafter = DFlashDraftModel.from_pretrained(best_dir, dtype=torch.float32)
+    layer_ids = best.config.target_layer_ids
+    feature_dtype, speeds = feature_dtype_by_speed(target, native_bf16)
+    tap_model = target if feature_dtype == torch.float32 else _copy_in(target, feature_dtype)
+    records = {k: read_campaign_shard(shard)[0] for k, shard in enumerate(shards)}
+    on_the_fly = TapsOnTheFly(tap_model, records, layer_ids)
+    folder = work / f"features-{dtype_name(feature_dtype)}"
+    unextracted = sum(len(r["input_ids"]) for k, rs in records.items() for r in rs
+                      if not (folder / f"features-{k:05d}.safetensors").exists())
+    extract_s = unextracted / speeds[feature_dtype]
     config = TrainConfig(steps=3, batch_size=spec.batch_size, num_anchors=spec.num_anchors, lr=spec.lr,
                          save_every=10**9, mixed_precision="bf16" if native_bf16 else "no", seed=spec.seed)
     probe_started = time.perf_counter()
-    train_drafter(DFlashDraftModel.from_pretrained(best_dir, dtype=torch.float32), target, dataset,
+    train_drafter(DFlashDraftModel.from_pretrained(best_dir, dtype=torch.float32), target, on_the_fly,
                   work / "probe", config, resume=False)
     step_s = (time.perf_counter() - probe_started) / config.steps
+    tap_s = on_the_fly.tap_seconds / config.steps
+    taps, _ = choose_taps(extract_s, deadline - time.time() - spec.eval_reserve_s, step_s, tap_s)
+    log(f"taps: a step takes {step_s:.2f} s with its taps taken on the fly ({tap_s:.2f} s of it); extracting the "
+        f"{unextracted:,} tokens without features first would take about {extract_s / 60:.1f} min "
+        f"(plain {dtype_name(feature_dtype)} forward: " + ", ".join(
+            f"{dtype_name(d)} {s:.0f} tokens/s" for d, s in speeds.items()) + f"): taps {taps}")
+    if taps == "features":
+        t0 = time.perf_counter()
+        folder, _, _ = campaign_features(target, shards, work, layer_ids, native_bf16, log,
+                                         measured=(feature_dtype, speeds))
+        stage_s["features"] = time.perf_counter() - t0
+        log(f"features: {stage_s['features'] / 60:.1f} min ({unextracted:,} tokens extracted)")
+        dataset = FeatureDataset(folder)
+        step_s -= tap_s
+    else:
+        dataset = on_the_fly
     train_s = deadline - time.time() - spec.eval_reserve_s
     steps = max(0, int(train_s / step_s))
-    log(f"training: {step_s:.2f} s a step ({config.mixed_precision}); {steps} steps fit in {train_s / 60:.0f} min")
+    log(f"training: {step_s:.2f} s a step ({config.mixed_precision}, taps {taps}); {steps} steps fit in "
+        f"{train_s / 60:.0f} min")
     trained = best
     if steps:
+        drafter = DFlashDraftModel.from_pretrained(best_dir, dtype=torch.float32)
         config = dataclasses.replace(config, steps=steps, save_every=spec.save_every)
         session_dir = work / f"checkpoints-{int(wall_started)}"
         t0 = time.perf_counter()
         train_drafter(drafter, target, dataset, session_dir, config, resume=True)
         stage_s["training"] = time.perf_counter() - t0
         trained = drafter.eval()
+    del tap_model, on_the_fly
 
     prompts = bench_sample("sharegpt", size=spec.validation_prompts, split="validation")
     t0 = time.perf_counter()
@@ -409,7 +446,7 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
         "session": {"steps": steps, "step_s": round(step_s, 3), "training_tokens": training_tokens,
                     "wall_minutes": round((time.perf_counter() - started) / 60, 1),
                     "stage_minutes": {k: round(v / 60, 1) for k, v in stage_s.items()},
-                    "feature_dtype": dtype_name(feature_dtype),
+                    "feature_dtype": dtype_name(feature_dtype), "taps": taps,
                     "forward_tokens_per_s": {dtype_name(d): round(s) for d, s in speeds.items()}},
         "cumulative": {k: before[k] + v for k, v in (("training_tokens", training_tokens), ("steps", steps),
                                                       ("wall_minutes", 0.0))},
@@ -475,7 +512,8 @@ def _replace_weights(trained_dir: Path, best_dir: Path) -> None:
 
 
 __all__ = [
-    "BEST_DRAFTER", "CampaignSpec", "append_ledger_row", "campaign_best_dir", "campaign_shards", "committed_ids",
-    "data_summary", "forward_tokens_per_s", "plot_ledger", "read_campaign_shard", "read_ledger", "regenerate_slice",
-    "run_campaign", "save_campaign_drafter", "validation_acceptance", "write_campaign_shard",
+    "BEST_DRAFTER", "CampaignSpec", "append_ledger_row", "campaign_best_dir", "campaign_shards", "choose_taps",
+    "committed_ids", "data_summary", "feature_dtype_by_speed", "forward_tokens_per_s", "plot_ledger",
+    "read_campaign_shard", "read_ledger", "regenerate_slice", "run_campaign", "save_campaign_drafter",
+    "validation_acceptance", "write_campaign_shard",
 ]

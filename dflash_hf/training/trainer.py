@@ -219,6 +219,55 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
+class TapsOnTheFly(torch.utils.data.Dataset):
+    """The examples ``FeatureDataset`` holds, with each example's taps taken by a forward of ``target`` when the
+    trainer draws it instead of read from feature files. A session that draws fewer sequences than its data holds
+    (the campaign on a new machine, whose features died with the last one) spends less on these forwards than on
+    extracting every record first, and holds no taps in memory.
+
+    ``shards``: data-shard number -> its records (``input_ids``, ``prompt_len``, ``response_spans``), as the
+    feature shards of the same numbers would hold them; the same examples are kept (an answer of 2+ tokens) in the
+    same order, with the same ``spans`` and ``sources``. The taps come in ``dtype`` (extract_features' float16 by
+    default) from the same batch-1 forward outside any autocast, so a drafter trains on the same numbers either way.
+    ``tap_seconds`` adds up the time the forwards took."""
+
+    def __init__(self, target: Any, shards: Mapping[int, list[dict]], layer_ids: list[int],
+                 dtype: torch.dtype = torch.float16, min_response: int = 2) -> None:
+        self.target, self.layer_ids, self.dtype = target, list(layer_ids), dtype
+        self.examples: list[tuple[torch.Tensor, int]] = []  # (ids [L], prompt_len), taps taken when drawn
+        self.spans: list[list[list[int]]] = []
+        self.sources: list[tuple[int, int]] = []
+        for number in sorted(shards):
+            for i, record in enumerate(shards[number]):
+                spans = response_spans(record)
+                if max((end - start for start, end in spans), default=0) >= max(min_response, 2):
+                    self.examples.append((torch.tensor(record["input_ids"], dtype=torch.long),
+                                          int(record["prompt_len"])))
+                    self.spans.append([list(span) for span in spans])
+                    self.sources.append((number, i))
+        self.teachers: list[None] = [None] * len(self.examples)
+        self.tap_seconds = 0.0
+
+    has_teacher = False  # distillation needs the target's distribution, which only extract_features keeps
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @torch.no_grad()
+    def __getitem__(self, index: int):
+        import time
+
+        ids, prompt_len = self.examples[index]
+        device = next(self.target.parameters()).device
+        started = time.perf_counter()
+        with torch.autocast(device.type, enabled=False), TapRecorder(self.target, self.layer_ids,
+                                                                     torch.device("cpu")) as taps:
+            self.target(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
+            tapped = taps.take()[0].to(self.dtype).contiguous()  # [L, K * hidden]
+        self.tap_seconds += time.perf_counter() - started
+        return ids, tapped, prompt_len
+
+
 def _shard_number(path: Path) -> int:
     """``features-00012.safetensors`` -> 12."""
     return int(path.stem.split("-")[1])
@@ -427,7 +476,7 @@ def _lr_lambda(total: int, warmup: int):
 def train_drafter(
     drafter: Any,
     target: Any,
-    dataset: FeatureDataset,
+    dataset: FeatureDataset | TapsOnTheFly,
     out_dir: str | os.PathLike,
     config: TrainConfig,
     resume: bool = True,
@@ -754,6 +803,7 @@ __all__ = [
     "HISTORY_FILE",
     "ResumeMismatch",
     "TEACHER_TOPK",
+    "TapsOnTheFly",
     "TrainConfig",
     "block_attention_mask",
     "anchor_label_ends",
