@@ -164,7 +164,7 @@ def test_taps_on_the_fly_are_the_extracted_features_and_train_the_same_drafter(t
         want_ids, want_taps, want_len = extracted[index]
         assert torch.equal(ids, want_ids) and prompt_len == want_len
         assert taps.dtype == want_taps.dtype == torch.float16 and torch.equal(taps, want_taps)
-    assert fly.tap_seconds > 0
+    assert fly.tap_seconds > 0 and fly.tapped_tokens == sum(len(ids) for ids, _ in fly.examples)
 
     trained = []
     for dataset in (extracted, fly):

@@ -384,7 +384,6 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
     folder = work / f"features-{dtype_name(feature_dtype)}"
     unextracted = sum(len(r["input_ids"]) for k, rs in records.items() for r in rs
                       if not (folder / f"features-{k:05d}.safetensors").exists())
-    extract_s = unextracted / speeds[feature_dtype]
     config = TrainConfig(steps=3, batch_size=spec.batch_size, num_anchors=spec.num_anchors, lr=spec.lr,
                          save_every=10**9, mixed_precision="bf16" if native_bf16 else "no", seed=spec.seed)
     probe_started = time.perf_counter()
@@ -392,10 +391,12 @@ def run_campaign(spec: CampaignSpec, log: Callable[[str], None] = print) -> dict
                   work / "probe", config, resume=False)
     step_s = (time.perf_counter() - probe_started) / config.steps
     tap_s = on_the_fly.tap_seconds / config.steps
+    tap_rate = on_the_fly.tapped_tokens / on_the_fly.tap_seconds  # extraction runs the same batch-1 forwards
+    extract_s = unextracted / tap_rate
     taps, _ = choose_taps(extract_s, deadline - time.time() - spec.eval_reserve_s, step_s, tap_s)
-    log(f"taps: a step takes {step_s:.2f} s with its taps taken on the fly ({tap_s:.2f} s of it); extracting the "
-        f"{unextracted:,} tokens without features first would take about {extract_s / 60:.1f} min "
-        f"(plain {dtype_name(feature_dtype)} forward: " + ", ".join(
+    log(f"taps: a step takes {step_s:.2f} s with its taps taken on the fly ({tap_s:.2f} s of it, {tap_rate:.0f} "
+        f"tokens/s); extracting the {unextracted:,} tokens without features first would take about "
+        f"{extract_s / 60:.1f} min (a plain 512-token forward: " + ", ".join(
             f"{dtype_name(d)} {s:.0f} tokens/s" for d, s in speeds.items()) + f"): taps {taps}")
     if taps == "features":
         t0 = time.perf_counter()

@@ -229,7 +229,7 @@ class TapsOnTheFly(torch.utils.data.Dataset):
     feature shards of the same numbers would hold them; the same examples are kept (an answer of 2+ tokens) in the
     same order, with the same ``spans`` and ``sources``. The taps come in ``dtype`` (extract_features' float16 by
     default) from the same batch-1 forward outside any autocast, so a drafter trains on the same numbers either way.
-    ``tap_seconds`` adds up the time the forwards took."""
+    ``tap_seconds`` and ``tapped_tokens`` add up the time the forwards took and the tokens they ran over."""
 
     def __init__(self, target: Any, shards: Mapping[int, list[dict]], layer_ids: list[int],
                  dtype: torch.dtype = torch.float16, min_response: int = 2) -> None:
@@ -246,7 +246,7 @@ class TapsOnTheFly(torch.utils.data.Dataset):
                     self.spans.append([list(span) for span in spans])
                     self.sources.append((number, i))
         self.teachers: list[None] = [None] * len(self.examples)
-        self.tap_seconds = 0.0
+        self.tap_seconds, self.tapped_tokens = 0.0, 0
 
     has_teacher = False  # distillation needs the target's distribution, which only extract_features keeps
 
@@ -265,6 +265,7 @@ class TapsOnTheFly(torch.utils.data.Dataset):
             self.target(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
             tapped = taps.take()[0].to(self.dtype).contiguous()  # [L, K * hidden]
         self.tap_seconds += time.perf_counter() - started
+        self.tapped_tokens += ids.shape[0]
         return ids, tapped, prompt_len
 
 
