@@ -3,8 +3,9 @@ its batch's longest answer ends) against continuous batching (``greedy_continuou
 and waiting ones join).
 
 Both answer the same conversations of a training source's train split (the campaign's seeded order, from
-``--skip`` on) with the default target in one dtype, batch by batch, on the same CPU in the same run; the loops
-alternate by batch so that drift on a shared machine falls on both. Prints tokens/s of each, their ratio, and how
+``--skip`` on) with the default target in one dtype, shard by shard as the campaign does (``--shard-size``
+conversations a call, ``--batch-size`` rows in flight), on the same CPU in the same run; the loops alternate by
+shard so that drift on a shared machine falls on both. Prints tokens/s of each, their ratio, and how
 many conversations came out identical (the loops differ only in the batch a step runs in, which in bfloat16 can
 flip near-ties, as plain batch sizes do).
 
@@ -35,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip", type=int, default=3000, help="start this far into the seeded order (default: "
                         "3000, past what the campaign has committed)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=64, help="conversations a call, as the campaign's shards")
     parser.add_argument("--max-new-tokens", type=int, default=192, help="the campaign's (default: 192)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -48,8 +50,8 @@ def main() -> None:
     seconds = dict.fromkeys(LOOPS, 0.0)
     tokens = dict.fromkeys(LOOPS, 0)
     identical = 0
-    for first in range(0, len(conversations), args.batch_size):
-        chunk = conversations[first : first + args.batch_size]
+    for first in range(0, len(conversations), args.shard_size):
+        chunk = conversations[first : first + args.shard_size]
         answers = {}
         for name, loop in LOOPS.items():
             started = time.perf_counter()

@@ -238,12 +238,18 @@ def _windowed_qwen3():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "windowed qwen3"])
 @pytest.mark.parametrize("batch_size", [4, 2, 1])
-def test_rows_retire_and_waiting_ones_join_and_the_answers_stay_generate_s(family, batch_size, monkeypatch):
+@pytest.mark.parametrize("room", [64, 1])
+def test_rows_retire_and_waiting_ones_join_and_the_answers_stay_generate_s(family, batch_size, room, monkeypatch):
     """Prompts of four lengths; the stop token is one the target writes early in one row and late or never in the
     others, so rows finish at different steps: with 4 in flight the batch only shrinks, with 2 or 1 the waiting
     prompts join as rows leave (spliced into the running batch, or after it empties where a layer has a sliding
     window). Every answer is what ``generate`` writes for that prompt alone, and in its own padded batch."""
     target = _windowed_qwen3() if family == "windowed qwen3" else make_target(family)
+    growing = data_module._growing_layer_class()
+    monkeypatch.setattr(growing, "room", room)  # 1: the storage moves every 2 steps
+    moves = []
+    rehome = growing._rehome
+    monkeypatch.setattr(growing, "_rehome", lambda self, needed: moves.append(needed) or rehome(self, needed))
     prompts = [[5, 9, 11, 3, 7, 21, 2], [8, 1], [30, 31, 32, 33], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]
     free = [target.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
             for p in prompts]
@@ -255,6 +261,8 @@ def test_rows_retire_and_waiting_ones_join_and_the_answers_stay_generate_s(famil
                         merge(self, other))
     pooled = data_module.greedy_continuous(target, prompts, 12, [stop], batch_size,
                                            progress=lambda rows, tokens: finished.append((rows, tokens)))
+    full_layers = 2 if family == "windowed qwen3" else target.config.num_hidden_layers  # windowed: their own
+    assert len(moves) >= full_layers * max(1, 12 // (room + 1))  # steps append into spare room, moved as it fills
     if family != "windowed qwen3" and batch_size == 2:
         assert merges  # a waiting prompt joined a running batch
     else:  # a sliding window cannot be spliced into; 4 in flight leave nobody waiting; 1 is never running beside

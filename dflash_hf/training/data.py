@@ -20,6 +20,7 @@ every answer in ``input_ids``, the positions training learns from. ``prompt_len`
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import http.client
 import json
 import os
@@ -363,6 +364,50 @@ def greedy_continuous(target: Any, prompts: list[list[int]], max_new_tokens: int
     return answers
 
 
+@functools.lru_cache(maxsize=None)
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A full-attention cache layer that appends into spare room of its storage instead of concatenating, so
+        a decode step copies its own new entries, not the whole cache: on a CPU, a batch of long conversations
+        otherwise spends most of a step's memory traffic re-copying keys and values. ``keys`` / ``values`` are
+        views of the storage; any other tensor assigned to them (rows kept, rows spliced in) is moved into
+        fresh storage on the next update."""
+
+        room = 64  # spare positions per reallocation: the whole cache is copied once every 64 decode steps
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                super().update(key_states, value_states, *args, **kwargs)
+                self._lent = None
+                return self.keys, self.values
+            length, new = self.keys.shape[-2], key_states.shape[-2]
+            lent = getattr(self, "_lent", None)
+            moved = lent is None or self.keys is not lent[0] or self.values is not lent[1]
+            if moved or lent[2].shape[-2] < length + new:
+                self._rehome(length + new)
+            key_store, value_store = self._lent[2], self._lent[3]
+            key_store[:, :, length : length + new] = key_states
+            value_store[:, :, length : length + new] = value_states
+            self.keys, self.values = key_store[:, :, : length + new], value_store[:, :, : length + new]
+            self._lent = (self.keys, self.values, key_store, value_store)
+            return self.keys, self.values
+
+        def _rehome(self, needed: int) -> None:
+            """Fresh storage [B, kv_heads, needed + room, head_dim] holding the current keys and values."""
+            length = self.keys.shape[-2]
+            stores = []
+            for current in (self.keys, self.values):
+                store = current.new_empty((*current.shape[:2], needed + self.room, current.shape[-1]))
+                store[:, :, :length] = current
+                stores.append(store)
+            self._lent = (self.keys, self.values, *stores)
+
+    return GrowingLayer
+
+
 class _LiveBatch:
     """The rows ``greedy_continuous`` has in flight: their cache, padding mask [R, T], which prompt each row
     answers (``owners`` [R]) and the logits of their next token [R, V]."""
@@ -373,10 +418,13 @@ class _LiveBatch:
 
         from ..core.transformers_compat import forward_cache_kwarg
 
+        growing = _growing_layer_class()
+        # Plain full-attention layers append into spare room; only a cache made of them can have rows spliced in
+        # (a sliding window or a linear-attention state keeps its own layout).
+        cache.layers = [growing() if type(layer) is DynamicLayer else layer for layer in cache.layers]
         self.cache, self.mask, self.owners, self.logits = cache, mask, owners, logits
         self.forward_kwargs = {forward_cache_kwarg(target): cache, "use_cache": True}
-        # rows can be spliced in only where every layer is a plain growing key/value store
-        self.mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        self.mergeable = all(isinstance(layer, growing) for layer in cache.layers)
 
     @property
     def rows(self) -> int:
