@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,8 +256,6 @@ class TapsOnTheFly(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def __getitem__(self, index: int):
-        import time
-
         ids, prompt_len = self.examples[index]
         device = next(self.target.parameters()).device
         started = time.perf_counter()
