@@ -9,7 +9,7 @@ online measurement at every point would cost more than the training. Each curve 
 ``τ - 1 = c · minutes^α`` and extrapolated to the minutes it would need on this CPU to reach acceptance 2.5.
 
     python benchmarks/learning_curves.py --work-dir runs/curves --minutes 15 --points 4 \\
-        --rows layers2 layers5 block16 anchors256 distill50
+        --rows layers2 layers5 block16 anchors256 distill50 chitchat
     python benchmarks/learning_curves.py --work-dir runs/curves --table   # the table and PNG of what ran
 
 Resumable: features, each row's plan (its step count, fixed by a probe the first time) and checkpoints stay in
