@@ -144,6 +144,8 @@ def split_shards(sources: list[str], heldout_shards: int) -> dict:
     "chitchat": [...]}}``. The last ``heldout_shards`` ShareGPT shards are held out, so a chit-chat slice committed
     after them leaves the held-out set (and its anchors, drawn by shard number) as it was; the last chit-chat shard
     is held out too where there are two or more. Rows on ShareGPT alone never see a chit-chat shard."""
+    if heldout_shards < 1:
+        raise SystemExit(f"--heldout-shards must be at least 1 (the rows are measured on it), got {heldout_shards}.")
     by_source: dict[str, list[int]] = {}
     for number, source in enumerate(sources):
         by_source.setdefault(source, []).append(number)

@@ -54,6 +54,8 @@ def test_held_out_shards_stay_put_when_a_chitchat_slice_is_committed_after_them(
 def test_too_few_sharegpt_shards_are_refused_with_the_way_out(curves):
     with pytest.raises(SystemExit, match="campaign --regenerate"):
         curves.split_shards(["sharegpt", "chitchat", "chitchat"], heldout_shards=1)
+    with pytest.raises(SystemExit, match="at least 1"):
+        curves.split_shards(["sharegpt"] * 3, heldout_shards=0)
 
 
 def test_shard_ranges_are_written_compactly(curves):
