@@ -117,7 +117,8 @@ def run_rows(args: argparse.Namespace, results: dict, path: Path) -> None:
             for source, examples in heldout.items():
                 key = "" if source == "sharegpt" else f"{source}_"
                 if f"{key}decode_weighted_accept_len" not in measured:
-                    drafter = drafter or DFlashDraftModel.from_pretrained(drafter_dir, dtype=torch.float32).eval()
+                    if drafter is None:
+                        drafter = DFlashDraftModel.from_pretrained(drafter_dir, dtype=torch.float32).eval()
                     measured.update(proxy(drafter, target, examples, prefix=key))
             print(f"{name}: {measured}")
 

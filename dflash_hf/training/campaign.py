@@ -37,7 +37,7 @@ from safetensors.torch import save as save_safetensors
 
 from ..fileio import atomic_file, atomic_write_text, can_plot, save_figure
 from ..machine import cpu_facts, describe_cpu, dtype_name
-from .data import ThroughputMeter, generate_responses, greedy_is_argmax, write_shards
+from .data import ThroughputMeter, continuous_batching_applies, generate_responses, write_shards
 
 SHARD_FORMAT = "dflash-hf campaign shard 1"
 SHARD_GLOB = "shard-*.safetensors.gz"
@@ -130,7 +130,7 @@ def regenerate_slice(target: Any, tokenizer: Any, data_dir: str | os.PathLike, *
     wanted = [c for c in training_conversations(source, len(done) + count, seed=0, max_turns=max_turns)
               if c["id"] not in done][:count]
     dtype = dtype_name(next(target.parameters()).dtype)
-    loop = "forward, continuous batching" if greedy_is_argmax(target.generation_config) else "generate"
+    loop = "forward, continuous batching" if continuous_batching_applies(target) else "generate"
     provenance = {"source": source, "split": "train", "max_turns": max_turns, "max_new_tokens": max_new_tokens,
                   "sampling": "greedy", "target": getattr(target.config, "_name_or_path", "") or "default target",
                   "target_dtype": dtype, "engine": f"transformers {version('transformers')} {loop}",

@@ -269,11 +269,16 @@ def answer_conversations(
 BATCH_LOOPS = ("auto", "generate")
 
 
+def _eos_and_pad(target: Any, tokenizer: Any) -> tuple[list[int], int]:
+    """The ids that end an answer, and the one left padding is written with (the first EOS without a pad token)."""
+    eos = _eos_ids(target, tokenizer)
+    return eos, eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperature: float, seed: int,
                     assistant_model: Any) -> Callable:
     """Batched ``generate`` on left-padded rows (greedy when ``temperature`` is 0)."""
-    eos = _eos_ids(target, tokenizer)
-    pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    eos, pad = _eos_and_pad(target, tokenizer)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
 
     @torch.no_grad()
@@ -296,8 +301,7 @@ def _local_answerer(target: Any, tokenizer: Any, max_new_tokens: int, temperatur
 def _continuous_answerer(target: Any, tokenizer: Any, max_new_tokens: int, batch_size: int,
                          progress: Callable[[int, int], None] | None) -> Callable:
     """Plain greedy answers to every row it is given, ``batch_size`` in flight (``greedy_continuous``)."""
-    eos = _eos_ids(target, tokenizer)
-    pad = eos[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    eos, pad = _eos_and_pad(target, tokenizer)
 
     def answer(messages: list[list[dict]], encoded: list[list[int]], seed_offset: int) -> list[tuple[list[int], None]]:
         return [(row, None) for row in greedy_continuous(target, encoded, max_new_tokens, eos, batch_size, pad,
@@ -312,6 +316,16 @@ _GREEDY_CHANGING = ("repetition_penalty", "encoder_repetition_penalty", "no_repe
                     "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
                     "min_length", "min_new_tokens", "sequence_bias", "exponential_decay_length_penalty",
                     "stop_strings", "num_beams", "max_time", "watermarking_config", "guidance_scale")
+
+
+def continuous_batching_applies(target: Any, temperature: float = 0.0, assistant_model: Any = None,
+                                batch_loop: str = "auto") -> bool:
+    """Whether ``generate_responses`` answers with ``greedy_continuous`` (plain greedy decoding whose choice is the
+    argmax, ``batch_loop="auto"``) rather than ``generate``."""
+    if batch_loop not in BATCH_LOOPS:
+        raise ValueError(f"batch_loop must be one of {BATCH_LOOPS}, got {batch_loop!r}.")
+    return (batch_loop == "auto" and temperature == 0 and assistant_model is None
+            and greedy_is_argmax(target.generation_config))
 
 
 def greedy_is_argmax(generation_config: Any) -> bool:
@@ -511,10 +525,7 @@ def generate_responses(
     leave the batch as they finish and waiting ones join it), ``"generate"`` always calls ``generate`` on batches
     of ``batch_size``.
     """
-    if batch_loop not in BATCH_LOOPS:
-        raise ValueError(f"batch_loop must be one of {BATCH_LOOPS}, got {batch_loop!r}.")
-    if (batch_loop == "auto" and temperature == 0 and assistant_model is None
-            and greedy_is_argmax(target.generation_config)):
+    if continuous_batching_applies(target, temperature, assistant_model, batch_loop):
         answer = _continuous_answerer(target, tokenizer, max_new_tokens, batch_size, progress)
         # One call per turn: the pool, not the batch, keeps batch_size rows in flight.
         yield from answer_conversations(tokenizer, prompts, answer, batch_size=max(1, len(prompts)))
@@ -858,6 +869,7 @@ __all__ = [
     "chat_ids",
     "chat_input_ids",
     "chat_prompt_ids",
+    "continuous_batching_applies",
     "count_records",
     "data_record_problem",
     "generate_responses",

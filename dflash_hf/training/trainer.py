@@ -201,8 +201,7 @@ class FeatureDataset(torch.utils.data.Dataset):
                 for i, prompt_len in enumerate(prompt_lens):
                     ids = handle.get_tensor(f"ids_{i}")
                     spans = all_spans[i] if all_spans is not None else [[prompt_len, ids.shape[0]]]
-                    # an anchor needs its next token inside the same response: one answer of 2+ tokens at least
-                    if max((end - start for start, end in spans), default=0) >= max(min_response, 2):
+                    if _has_anchor(spans, min_response):
                         self.examples.append((ids, handle.get_tensor(f"taps_{i}"), prompt_len))
                         self.spans.append(spans)
                         self.teachers.append(None if teacher is None else teacher[i])
@@ -241,7 +240,7 @@ class TapsOnTheFly(torch.utils.data.Dataset):
         for number in sorted(shards):
             for i, record in enumerate(shards[number]):
                 spans = response_spans(record)
-                if max((end - start for start, end in spans), default=0) >= max(min_response, 2):
+                if _has_anchor(spans, min_response):
                     self.examples.append((torch.tensor(record["input_ids"], dtype=torch.long),
                                           int(record["prompt_len"])))
                     self.spans.append([list(span) for span in spans])
@@ -266,6 +265,11 @@ class TapsOnTheFly(torch.utils.data.Dataset):
         self.tap_seconds += time.perf_counter() - started
         self.tapped_tokens += ids.shape[0]
         return ids, tapped, prompt_len
+
+
+def _has_anchor(spans: list[list[int]], min_response: int) -> bool:
+    """An anchor needs its next token inside the same response: one answer of 2+ tokens at least."""
+    return max((end - start for start, end in spans), default=0) >= max(min_response, 2)
 
 
 def _shard_number(path: Path) -> int:
